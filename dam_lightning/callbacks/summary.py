@@ -1,0 +1,99 @@
+"""The adaptation summary: target metrics at GAM's three milestones, as a table.
+
+Milestones: the source network as trained ("source only", the no-adaptation baseline), the
+target network right after the first Gaussian matching, and the target network at the end.
+This callback only evaluates and reports; it never changes a network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from dam_lightning.callbacks.gaussian_matching import GaussianMatching
+from dam_lightning.runs import atomic_write_text, run_directory
+
+
+class AdaptationSummary(L.Callback):
+    """Evaluate on the target validation set at each milestone; print and save the table.
+
+    Writes ``summary.md`` and ``summary.json`` into the run directory (beside ``checkpoints/``)
+    and logs ``summary/<milestone>/<metric>``. Survives resuming: the rows measured before the
+    interruption are stored in the checkpoint.
+
+    Args:
+        final_label: name of the last row (e.g. "after ADDA" for that ablation).
+
+    Example:
+        >>> AdaptationSummary().rows
+        {}
+    """
+
+    def __init__(self, final_label: str = "after GAM"):
+        self.final_label = final_label
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def _evaluate(self, trainer: L.Trainer, pl_module, net) -> dict[str, float]:
+        target_val = trainer.datamodule.val_dataloader()[0]
+        return pl_module.task.evaluate(net, target_val, pl_module.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "source only" not in self.rows:
+            self.rows["source only"] = self._evaluate(trainer, pl_module, pl_module.source_net)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # The first batch comes after every epoch-start hook, so matching has happened.
+        matched = any(
+            isinstance(cb, GaussianMatching) and cb.last_report is not None
+            for cb in trainer.callbacks
+        )
+        if matched and "after Gaussian matching" not in self.rows:
+            row = self._evaluate(trainer, pl_module, pl_module.target_net)
+            self.rows["after Gaussian matching"] = row
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows[self.final_label] = self._evaluate(trainer, pl_module, pl_module.target_net)
+        metrics = {
+            f"summary/{stage.replace(' ', '_')}/{name}": value
+            for stage, row in self.rows.items()
+            for name, value in row.items()
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._report(trainer)
+
+    @rank_zero_only
+    def _report(self, trainer: L.Trainer) -> None:
+        dataset = trainer.datamodule.target_val
+        table = format_table(self.rows, f"Target metrics on {dataset!r}")
+        print("\n" + table, flush=True)
+        folder = run_directory(trainer)
+        atomic_write_text(os.path.join(folder, "summary.md"), table + "\n")
+        atomic_write_text(
+            os.path.join(folder, "summary.json"), json.dumps(self.rows, indent=2) + "\n"
+        )
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = dict(state_dict["rows"])
+
+
+def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
+    """A Markdown table, one row per milestone, metrics in percent."""
+    metrics = sorted({name for row in rows.values() for name in row})
+    width = max([len("stage")] + [len(stage) for stage in rows])
+    lines = [
+        title,
+        "",
+        "| " + "stage".ljust(width) + " | " + " | ".join(f"{m:>6}" for m in metrics) + " |",
+        "|" + "-" * (width + 2) + "|" + "|".join("-" * 8 for _ in metrics) + "|",
+    ]
+    for stage, row in rows.items():
+        cells = " | ".join(f"{100 * row[m]:6.2f}" if m in row else "     -" for m in metrics)
+        lines.append(f"| {stage.ljust(width)} | {cells} |")
+    return "\n".join(lines)

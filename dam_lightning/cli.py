@@ -1,0 +1,60 @@
+"""``python -m dam_lightning {fit,validate,test,predict} --config FILE``: the LightningCLI.
+
+Adds what the stock CLI lacks for this library: ``num_classes`` flows from the data to the model,
+optimisers are module arguments (GAM has two), and the run config is saved into the run's own
+folder (and W&B) instead of failing on the second run that shares a save_dir.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from dam_lightning.data.datamodule import DomainAdaptationDataModule
+from dam_lightning.modules.base import EvaluatingModule
+from dam_lightning.runs import run_directory, unused_path
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config as ``<run dir>/config.yaml`` and into the W&B run's config.
+
+    Every run has its own folder (``save_dir/name/version``, beside its checkpoints), so a second
+    run never collides with the first; a resumed run that reuses a folder writes
+    ``config-1.yaml`` rather than overwrite the original.
+    """
+
+    def __init__(self, parser, config, config_filename: str = "config.yaml", **kwargs):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(parser, config, config_filename, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        path = unused_path(os.path.join(run_directory(trainer), self.config_filename))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, skip_check=True)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                as_dict = self.parser.dump(self.config, skip_none=False, format="json")
+                logger.experiment.config.update({"cli": as_dict}, allow_val_change=True)
+
+
+class DamCLI(LightningCLI):
+    """LightningCLI for dam_lightning modules and ``DomainAdaptationDataModule``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+
+
+def main(args=None) -> None:
+    """Entry point of ``python -m dam_lightning`` and the ``dam-lightning`` script."""
+    DamCLI(
+        EvaluatingModule,
+        DomainAdaptationDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        save_config_callback=RunConfigSaver,
+        args=args,
+    )

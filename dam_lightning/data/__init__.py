@@ -1,0 +1,6 @@
+"""Datasets (one file per family), the class tables and the domain-adaptation DataModule."""
+
+from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
+from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
+
+__all__ = ["MNIST", "USPS", "DomainAdaptationDataModule", "SynDigits", "UCIDigits", "Unlabelled"]

@@ -1,0 +1,35 @@
+"""The paper's algorithm in plain torch: taps, Gaussian matching, discriminators, weight drift.
+
+Nothing in this package imports Lightning; it can be used in any training loop.
+"""
+
+from dam_lightning.matching.adversarial import (
+    GANLoss,
+    MLPDiscriminator,
+    PatchDiscriminator,
+    discriminator_for,
+)
+from dam_lightning.matching.drift import weight_drift
+from dam_lightning.matching.gaussian import (
+    ChannelStats,
+    GaussianMatchingReport,
+    foldable_layers,
+    gaussian_match,
+    measure_statistics,
+)
+from dam_lightning.matching.taps import ActivationTaps, resolve_layer
+
+__all__ = [
+    "ActivationTaps",
+    "ChannelStats",
+    "GANLoss",
+    "GaussianMatchingReport",
+    "MLPDiscriminator",
+    "PatchDiscriminator",
+    "discriminator_for",
+    "foldable_layers",
+    "gaussian_match",
+    "measure_statistics",
+    "resolve_layer",
+    "weight_drift",
+]

@@ -1,0 +1,73 @@
+"""Capture the activations of named layers of a network with forward hooks.
+
+A *tap* is a submodule named by its dotted path (``"fc3"``, ``"encoder.layers.4"``); its output is
+the activation that GAM matches. This file only observes a network: it never changes an output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+def resolve_layer(net: nn.Module, name: str) -> nn.Module:
+    """Return the submodule of ``net`` at dotted path ``name``, or raise a ValueError listing the
+    valid names (so a typo in a config is fixed from the message alone)."""
+    modules = dict(net.named_modules())
+    if name == "" or name not in modules:
+        valid = ", ".join(n for n in modules if n) or "(none)"
+        raise ValueError(
+            f"{type(net).__name__} has no layer named {name!r}. Valid layer names: {valid}"
+        )
+    return modules[name]
+
+
+class ActivationTaps:
+    """Record the outputs of the named layers of ``net`` during each forward pass.
+
+    Use it as a callable: ``taps(x)`` runs ``net(x)`` and returns ``{layer name: activation}``
+    in the order the names were given. The activations keep their autograd graph, so the same
+    call serves the discriminator step (detach them) and the target-network step.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> taps = ActivationTaps(net, ["1", "2"])
+        >>> {k: tuple(v.shape) for k, v in taps(torch.zeros(5, 4)).items()}
+        {'1': (5, 3), '2': (5, 2)}
+    """
+
+    def __init__(self, net: nn.Module, layers: Iterable[str]):
+        self.net = net
+        self.layers = list(layers)
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layer names must be unique, got {self.layers}")
+        self._modules = {name: resolve_layer(net, name) for name in self.layers}
+        self._captured: dict[str, Tensor] = {}
+
+    def _hook(self, name: str):
+        def capture(module: nn.Module, args, output) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
+                    "a tapped layer must return one tensor"
+                )
+            self._captured[name] = output
+
+        return capture
+
+    def __call__(self, x: Tensor) -> dict[str, Tensor]:
+        """Run the network on ``x`` and return the tapped activations."""
+        self._captured = {}
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules.items()]
+        try:
+            self.net(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in self.layers if n not in self._captured]
+        if missing:
+            raise RuntimeError(f"layers {missing} were not called during the forward pass")
+        captured, self._captured = self._captured, {}
+        return {name: captured[name] for name in self.layers}

@@ -1,0 +1,5 @@
+"""Networks: plain ``nn.Module``s, built as ``Net(num_classes, ...)``."""
+
+from dam_lightning.models.lenet import LeNet
+
+__all__ = ["LeNet"]

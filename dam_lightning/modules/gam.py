@@ -1,0 +1,307 @@
+"""Stage 3 of GAM: general activation matching, orchestrated as a LightningModule.
+
+A frozen source network F_s, a trainable target network F_t initialised from it, and one
+discriminator per matched layer. Each batch: a discriminator step, then a target-network step
+(manual optimisation). The algorithm's pieces live in ``dam_lightning.matching``; Gaussian
+matching (stage 2) runs from the ``GaussianMatching`` callback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
+from dam_lightning.matching.drift import DriftReduction, weight_drift
+from dam_lightning.matching.taps import ActivationTaps
+from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
+from dam_lightning.modules.source import paper_source_optimizer, train_source_network
+
+
+def paper_adversarial_optimizer(params) -> torch.optim.Optimizer:
+    """The digits code's adaptation optimiser, for discriminators and F_t: Adam(2e-4, beta1 0.5)."""
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+
+
+class GAMAdaptModule(EvaluatingModule):
+    """Adapt a source network to an unlabelled target domain by deep activation matching.
+
+    Minimises over the target weights theta_t:
+
+        drift_weight * ||theta_s - theta_t||^2 + adversarial_weight * sum_i w_i * GAN_i(F_t)
+
+    where each discriminator D_i tells F_s's layer-i activations on source images from F_t's on
+    target images. The paper's ablations are configuration: ``layers={"fc4": 1}`` with
+    ``drift_weight=0`` is ADDA; ``layers={}`` with the ``GaussianMatching`` callback is the
+    "Gaussian matching only" row.
+
+    Args:
+        net: builds a network from ``num_classes`` (e.g. ``LeNet``); F_s and F_t are two copies.
+        num_classes: number of classes; linked from the data module by the CLI.
+        layers: ``{layer name: weight w_i}`` of the matched layers (dotted module paths).
+        adversarial_weight: lambda, the weight of the adversarial sum.
+        gan_loss: ``"vanilla"`` (digits) or ``"lsgan"`` (segmentation).
+        drift_weight: weight of the weight-drift term; 0 disables it.
+        drift_reduction: ``"mean_per_tensor"`` (official code) or ``"sum"`` (paper, Eq. 3).
+        source_weights: a ``SourceModule`` checkpoint (``.ckpt``) or a state dict of ``net``.
+        source_steps: when ``source_weights`` is not given, train F_s for this many source
+            batches before adapting (so one command runs the whole pipeline).
+        source_optimizer: optimiser for that source training; default Adam(1e-3, wd 2.5e-5).
+        discriminator_optimizer / target_optimizer: default Adam(2e-4, betas=(0.5, 0.999)).
+        discriminator_scheduler / target_scheduler: optional, stepped once per batch.
+        example_input_shape: one input's shape (C, H, W), to size the discriminators; default
+            ``net.example_input_shape``.
+
+    Example:
+        >>> from dam_lightning.models import LeNet
+        >>> gam = GAMAdaptModule(LeNet, num_classes=10, layers={"fc3": 0.1, "fc4": 1.0})
+        >>> sorted(gam.discriminators.keys())
+        ['fc3', 'fc4']
+    """
+
+    train_domains = ("source", "target")
+
+    def __init__(
+        self,
+        net: NetworkFactory,
+        num_classes: int = 10,
+        layers: dict[str, float] | None = None,
+        adversarial_weight: float = 1.0,
+        gan_loss: GANKind = "vanilla",
+        drift_weight: float = 1.0,
+        drift_reduction: DriftReduction = "mean_per_tensor",
+        source_weights: str | None = None,
+        source_steps: int = 0,
+        source_optimizer: OptimizerCallable | None = None,
+        discriminator_optimizer: OptimizerCallable | None = None,
+        target_optimizer: OptimizerCallable | None = None,
+        discriminator_scheduler: LRSchedulerCallable | None = None,
+        target_scheduler: LRSchedulerCallable | None = None,
+        example_input_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__(num_classes)
+        self.save_hyperparameters(
+            ignore=[
+                "net",
+                "source_optimizer",
+                "discriminator_optimizer",
+                "target_optimizer",
+                "discriminator_scheduler",
+                "target_scheduler",
+            ]
+        )
+        self.automatic_optimization = False
+        self.layers = dict({"fc3": 0.1, "fc4": 1.0} if layers is None else layers)
+        self.source_net = net(num_classes)
+        self.target_net = net(num_classes)
+        self.source_net.requires_grad_(False).eval()
+        self.target_net.load_state_dict(self.source_net.state_dict())
+        self.gan = GANLoss(gan_loss)
+        self.discriminators = nn.ModuleDict(
+            {
+                _key(n): discriminator_for(s)
+                for n, s in self._tap_shapes(example_input_shape).items()
+            }
+        )
+        self.source_taps = ActivationTaps(self.source_net, self.layers)
+        self.target_taps = ActivationTaps(self.target_net, self.layers)
+        self.optimizer_factories = {
+            "source": source_optimizer or paper_source_optimizer,
+            "discriminator": discriminator_optimizer or paper_adversarial_optimizer,
+            "target": target_optimizer or paper_adversarial_optimizer,
+        }
+        self.scheduler_factories = {
+            "discriminator": discriminator_scheduler,
+            "target": target_scheduler,
+        }
+        # Saved with the weights: a resumed run must not retrain or reload F_s.
+        self.register_buffer("source_ready", torch.tensor(False))
+
+    def _tap_shapes(self, example_input_shape) -> dict[str, torch.Size]:
+        """Shapes of the matched layers' activations, from one dry forward of F_s."""
+        if not self.layers:
+            return {}
+        shape = example_input_shape or getattr(self.source_net, "example_input_shape", None)
+        if shape is None:
+            raise ValueError(
+                f"{type(self.source_net).__name__} has no example_input_shape: pass "
+                "example_input_shape=(C, H, W) so the discriminators can be sized"
+            )
+        with torch.no_grad():
+            acts = ActivationTaps(self.source_net, self.layers)(torch.zeros(2, *shape))
+        return {name: a.shape for name, a in acts.items()}
+
+    @property
+    def eval_net(self) -> nn.Module:
+        return self.target_net
+
+    def train(self, mode: bool = True):
+        """Switch train/eval mode; F_s stays in eval mode whatever the trainer asks."""
+        super().train(mode)
+        self.source_net.eval()
+        return self
+
+    # ---- stage 1: make F_s available, then F_t = F_s --------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self._check_something_trains()
+        if bool(self.source_ready):
+            return  # resumed from a checkpoint that holds F_s and F_t
+        if self.hparams.source_weights:
+            load_network_weights(self.source_net, self.hparams.source_weights)
+        elif self.hparams.source_steps > 0:
+            self._train_source_network()
+        else:
+            raise ValueError(
+                "GAMAdaptModule needs a source network: pass source_weights=<SourceModule .ckpt or "
+                "state dict> or source_steps=N to train F_s on the source data first"
+            )
+        _broadcast_from_rank_zero(self.source_net)
+        self.target_net.load_state_dict(self.source_net.state_dict())
+        self.source_ready.fill_(True)
+
+    def _check_something_trains(self) -> None:
+        from dam_lightning.callbacks.gaussian_matching import GaussianMatching
+
+        matching = any(isinstance(cb, GaussianMatching) for cb in self.trainer.callbacks)
+        if not self.layers and self.hparams.drift_weight == 0 and not matching:
+            raise ValueError(
+                "nothing would adapt: layers is empty, drift_weight is 0 and no GaussianMatching "
+                "callback is configured. Name layers to match (e.g. {'fc3': 0.1, 'fc4': 1.0}) "
+                "or add the GaussianMatching callback"
+            )
+
+    def _train_source_network(self) -> None:
+        steps = self.hparams.source_steps
+        rank_zero_info(f"Training the source network for {steps} batches (source_steps={steps})")
+        self.source_net.requires_grad_(True)
+        optimizer = self.optimizer_factories["source"](self.source_net.parameters())
+        losses = train_source_network(
+            self.source_net,
+            self.trainer.datamodule.source_dataloader(),
+            steps,
+            self.task,
+            optimizer,
+            self.device,
+        )
+        self.source_net.requires_grad_(False).eval()
+        rank_zero_info(f"Source network trained: last loss {losses[-1]:.4f}")
+
+    # ---- stage 3: one discriminator step, one target step per batch ------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if not self.discriminators and self.hparams.drift_weight == 0:
+            return  # "Gaussian matching only": the callback does all the work
+        x_s, _ = batch["source"]  # source labels are not used in this stage
+        x_t = batch["target"]
+        with torch.no_grad():
+            source_acts = self.source_taps(x_s)
+        target_acts = self.target_taps(x_t)
+        if self.discriminators:
+            self._discriminator_step(optimizers[0], source_acts, target_acts)
+        self._target_step(optimizers[-1], target_acts)
+        self._step_schedulers()
+
+    def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> None:
+        self.toggle_optimizer(optimizer)
+        total = 0.0
+        for name, weight in self.layers.items():
+            d = self.discriminators[_key(name)]
+            real, fake = d(source_acts[name]), d(target_acts[name].detach())
+            loss = self.gan.discriminator_loss(real, fake)
+            total = total + weight * loss
+            self.log(f"train/loss_d/{name}", loss)
+            self.log(f"train/acc_d/{name}", self.gan.accuracy(real, fake), prog_bar=True)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+
+    def _target_step(self, optimizer, target_acts: dict) -> None:
+        self.toggle_optimizer(optimizer)
+        adversarial = torch.zeros((), device=self.device)
+        for name, weight in self.layers.items():
+            loss = self.gan.generator_loss(self.discriminators[_key(name)](target_acts[name]))
+            adversarial = adversarial + weight * loss
+            self.log(f"train/loss_g/{name}", loss)
+        drift = weight_drift(self.target_net, self.source_net, self.hparams.drift_reduction)
+        total = self.hparams.adversarial_weight * adversarial + self.hparams.drift_weight * drift
+        self.log("train/drift", drift)
+        self.log("train/loss_g", total)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        roles = (["discriminator"] if self.discriminators else []) + ["target"]
+        params = {
+            "discriminator": self.discriminators.parameters(),
+            "target": self.target_net.parameters(),
+        }
+        optimizers, schedulers = [], []
+        for role in roles:
+            optimizer = self.optimizer_factories[role](params[role])
+            optimizers.append(optimizer)
+            if self.scheduler_factories[role] is not None:
+                schedulers.append(self.scheduler_factories[role](optimizer))
+        return optimizers, schedulers
+
+
+def _key(layer: str) -> str:
+    """ModuleDict key for a dotted layer name (module names cannot contain dots)."""
+    return layer.replace(".", "__")
+
+
+def load_network_weights(net: nn.Module, path: str) -> None:
+    """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict.
+
+    A Lightning checkpoint's ``state_dict`` is searched for the ``net.`` prefix (SourceModule)
+    and then ``target_net.`` (a GAM checkpoint, to adapt further). Only load files you trust:
+    checkpoints are pickles.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"source_weights file {path} does not exist; train one with "
+            "`python -m dam_lightning fit --config configs/<name>_source.yaml` or set source_steps"
+        )
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(blob).__name__}, not a checkpoint or state dict")
+    for prefix in ("net.", "target_net."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {type(net).__name__}: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit {type(net).__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}; was it trained with the same net and "
+            "num_classes?"
+        )
+
+
+def _broadcast_from_rank_zero(net: nn.Module) -> None:
+    """Give every DDP process rank 0's weights, so all ranks adapt the very same F_s."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for tensor in net.state_dict().values():
+        dist.broadcast(tensor, src=0)

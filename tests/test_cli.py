@@ -1,0 +1,117 @@
+"""The real entry point: every shipped config parses, the demo pipeline runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dam_lightning.cli import main
+
+from .conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+OVERLAYS = {"ddp.yaml"}  # only meaningful on top of an experiment config
+
+
+def _tiny_demo_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--model.init_args.source_steps=5",
+        "--data.source.init_args.num_samples=300",
+        "--data.batch_size=32",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OVERLAYS], ids=str)
+def test_print_config_works_for_every_shipped_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("dam_lightning.modules.")
+
+
+def test_ddp_overlay_parses_on_top_of_an_experiment(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/mnist_usps.yaml"),
+                "--config",
+                str(REPO / "configs/ddp.yaml"),
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        (REPO / "configs/demo.yaml").read_text().replace("drift_weight:", "drift_wieght:")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "drift_wieght" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_and_writes_its_summary(tmp_path, capsys):
+    main(_tiny_demo_args(tmp_path))
+    out = capsys.readouterr().out
+    for row in ("source only", "after Gaussian matching", "after GAM"):
+        assert row in out
+    summaries = list(tmp_path.rglob("summary.json"))
+    assert len(summaries) == 1
+    rows = json.loads(summaries[0].read_text())
+    assert list(rows) == ["source only", "after Gaussian matching", "after GAM"]
+    assert all(0.0 <= row["acc"] <= 1.0 for row in rows.values())
+    assert list(summaries[0].parent.glob("config.yaml"))  # config saved in the run's folder
+    assert list(summaries[0].parent.glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.slow
+def test_second_run_with_wandb_logger_saves_its_config_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for _ in range(2):
+        main(_tiny_demo_args(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
+    assert len(list(tmp_path.rglob("config.yaml"))) == 2
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dam_lightning",
+            *_tiny_demo_args(tmp_path, "--trainer.max_epochs=1"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after GAM" in result.stdout

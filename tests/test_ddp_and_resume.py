@@ -1,0 +1,92 @@
+"""Distributed and interrupted runs give the results of a plain, uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dam_lightning.callbacks import AdaptationSummary, GaussianMatching
+from dam_lightning.data import DomainAdaptationDataModule
+from dam_lightning.models import LeNet
+from dam_lightning.modules import GAMAdaptModule
+
+from .conftest import REPO
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert different == []
+    moved = [
+        k
+        for k in rank0
+        if k.startswith("target_net.")
+        and not torch.equal(rank0[k], rank0[k.replace("target_net.", "source_net.")])
+    ]
+    assert moved, "the target network did not train"
+
+
+def _fit(module, dm, root, max_epochs, ckpt_path=None):
+    checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[GaussianMatching(calibration_batches=2), AdaptationSummary(), checkpoint],
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tiny_digits, tmp_path):
+    source, target = tiny_digits
+
+    def new_module():
+        L.seed_everything(0)
+        return GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
+
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    straight = new_module()
+    _fit(straight, dm, tmp_path / "straight", max_epochs=3)
+
+    interrupted = new_module()
+    _fit(interrupted, dm, tmp_path / "interrupted", max_epochs=1)
+    resumed = GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
+    trainer = _fit(
+        resumed,
+        dm,
+        tmp_path / "resumed",
+        max_epochs=3,
+        ckpt_path=tmp_path / "interrupted" / "epoch=0.ckpt",
+    )
+
+    assert trainer.global_step == 3 * 3 * 2
+    expected = straight.state_dict()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), f"{name} differs after resuming"

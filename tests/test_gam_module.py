@@ -1,0 +1,145 @@
+"""GAMAdaptModule: each step updates exactly the right parameters; F_s never changes."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from dam_lightning.callbacks import GaussianMatching
+from dam_lightning.data import DomainAdaptationDataModule
+from dam_lightning.models import LeNet
+from dam_lightning.modules import GAMAdaptModule, SourceModule
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p)}
+
+
+class StepSpy(GAMAdaptModule):
+    """Records which parameters each of the two steps changed, and which got gradients."""
+
+    def setup(self, stage: str) -> None:
+        self.records = []
+
+    def _record(self, step: str, run, *args) -> None:
+        self.zero_grad(set_to_none=True)  # observe only the gradients this step's backward makes
+        before = _snapshot(self)
+        run(*args)
+        with_grad = {n for n, p in self.named_parameters() if p.grad is not None}
+        self.records.append((step, _changed(before, self), with_grad))
+
+    def _discriminator_step(self, *args) -> None:
+        self._record("D", super()._discriminator_step, *args)
+
+    def _target_step(self, *args) -> None:
+        self._record("G", super()._target_step, *args)
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_discriminator_step_and_target_step_update_exactly_their_own_parameters(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = StepSpy(LeNet, num_classes=10, layers={"fc3": 0.1, "fc4": 1.0}, source_steps=5)
+    _trainer(max_steps=6).fit(module, dm)  # 3 batches x (D step + G step)
+
+    params = {n for n, _ in module.named_parameters()}
+    discriminators = {n for n in params if n.startswith("discriminators.")}
+    target_net = {n for n in params if n.startswith("target_net.")}
+    assert [r[0] for r in module.records] == ["D", "G"] * 3
+    for step, changed, with_grad in module.records:
+        expected = discriminators if step == "D" else target_net
+        assert changed == expected, f"{step} step changed {sorted(changed ^ expected)[:5]}"
+        assert with_grad <= expected, f"{step} step put gradients on {sorted(with_grad - expected)}"
+
+
+def test_source_network_stays_bitwise_identical_and_in_eval_mode(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
+    trainer = _trainer(max_steps=2)
+    trainer.fit(module, dm)  # trains F_s (source_steps), adapts for 1 batch
+    trained_source = _snapshot(module.source_net)
+    trainer = _trainer(max_steps=10, callbacks=[GaussianMatching(calibration_batches=2)])
+    trainer.fit(module, dm)  # continues from the trained F_s: no retraining
+    assert _changed(trained_source, module.source_net) == set()
+    assert not module.source_net.training
+    assert all(not p.requires_grad for p in module.source_net.parameters())
+    assert _changed(trained_source, module.target_net)  # F_t moved away from F_s
+
+
+def test_target_network_starts_as_a_copy_of_the_source(tiny_digits, tmp_path):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    src = SourceModule(LeNet, num_classes=10)
+    trainer = _trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(src, dm)
+    ckpt = tmp_path / "source.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    module = GAMAdaptModule(LeNet, num_classes=10, source_weights=str(ckpt))
+    _trainer(max_steps=0, max_epochs=1, limit_train_batches=0).fit(module, dm)
+    for name, p in src.net.state_dict().items():
+        assert torch.equal(module.source_net.state_dict()[name], p)
+        assert torch.equal(module.target_net.state_dict()[name], p)
+
+
+def test_gaussian_only_configuration_trains_nothing_but_matches(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, layers={}, drift_weight=0, source_steps=5)
+    assert len(module.discriminators) == 0
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[GaussianMatching(2)])
+    trainer.fit(module, dm)
+    assert trainer.global_step == 0  # no optimiser step: the callback did all the work
+    assert _changed(_snapshot(module.source_net), module.target_net)
+
+
+def test_nothing_to_adapt_is_a_clear_error(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, layers={}, drift_weight=0, source_steps=5)
+    with pytest.raises(ValueError, match="nothing would adapt.*GaussianMatching"):
+        _trainer(max_steps=2).fit(module, dm)
+
+
+def test_missing_source_network_is_a_clear_error(tiny_digits, tmp_path):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    with pytest.raises(ValueError, match="source_weights.*source_steps"):
+        _trainer(max_steps=2).fit(GAMAdaptModule(LeNet, num_classes=10), dm)
+    missing = tmp_path / "nope.ckpt"
+    module = GAMAdaptModule(LeNet, num_classes=10, source_weights=str(missing))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        _trainer(max_steps=2).fit(module, dm)
+
+
+def test_wrong_layer_name_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no layer named 'fc9'.*fc4"):
+        GAMAdaptModule(LeNet, num_classes=10, layers={"fc9": 1.0})
+
+
+def test_source_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "five_classes.pt"
+    torch.save(LeNet(5).state_dict(), path)
+    from dam_lightning.modules.gam import load_network_weights
+
+    with pytest.raises(ValueError, match="five_classes.pt does not fit LeNet"):
+        load_network_weights(LeNet(10), str(path))
