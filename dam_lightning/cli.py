@@ -8,6 +8,7 @@ folder (and W&B) instead of failing on the second run that shares a save_dir.
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -32,7 +33,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         path = unused_path(os.path.join(run_directory(trainer), self.config_filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.parser.save(self.config, path, skip_none=False, skip_check=True)
+        self.parser.save(self.config, path, skip_none=False, skip_validation=True)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 as_dict = self.parser.dump(self.config, skip_none=False, format="json")
@@ -58,3 +59,12 @@ def main(args=None) -> None:
         save_config_callback=RunConfigSaver,
         args=args,
     )
+    _finish_wandb_run()
+
+
+def _finish_wandb_run() -> None:
+    """Close the W&B run at the end of the command, so that a second command started from the
+    same Python process (a notebook, a test) gets a run and a run folder of its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

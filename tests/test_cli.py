@@ -94,7 +94,8 @@ def test_second_run_with_wandb_logger_saves_its_config_too(tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")
     for _ in range(2):
         main(_tiny_demo_args(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
-    assert len(list(tmp_path.rglob("config.yaml"))) == 2
+    configs = list(tmp_path.rglob("config*.yaml"))
+    assert len(configs) == 2 and configs[0].parent != configs[1].parent  # one folder per run
 
 
 @pytest.mark.slow
