@@ -103,16 +103,18 @@ class LayerMatch:
 
     @staticmethod
     def _mean_gap(target: ChannelStats, source: ChannelStats) -> float:
-        return ((target.mean - source.mean).abs() / (source.std + 1e-8)).mean().item()
+        pooled = (0.5 * (target.std.pow(2) + source.std.pow(2))).sqrt() + 1e-6
+        return ((target.mean - source.mean).abs() / pooled).mean().item()
 
     @staticmethod
     def _std_gap(target: ChannelStats, source: ChannelStats) -> float:
-        ratio = (target.std + 1e-12) / (source.std + 1e-12)
+        ratio = (target.std + 1e-6) / (source.std + 1e-6)
         return ratio.log().abs().mean().item()
 
     @property
     def mean_gap_before(self) -> float:
-        """Mean over channels of |mu_t - mu_s| / sigma_s before the correction."""
+        """Mean over channels of |mu_t - mu_s| / pooled std, before the correction (the pooled
+        std keeps channels that are dead on one domain from dominating the average)."""
         return self._mean_gap(self.target_before, self.source)
 
     @property
