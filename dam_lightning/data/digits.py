@@ -65,7 +65,7 @@ class MNIST(DigitDataset):
 
     Example:
         >>> ds = MNIST("../shared/data/digits", split="test")  # doctest: +SKIP
-        >>> len(ds), ds[0][0].shape
+        >>> len(ds), ds[0][0].shape  # doctest: +SKIP
         (10000, torch.Size([1, 28, 28]))
     """
 
@@ -178,7 +178,7 @@ class USPS(DigitDataset):
 
     Example:
         >>> ds = USPS("../shared/data/digits", split="test")  # doctest: +SKIP
-        >>> len(ds)
+        >>> len(ds)  # doctest: +SKIP
         2007
     """
 
