@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -51,6 +52,8 @@ class DamCLI(LightningCLI):
 
 def main(args=None) -> None:
     """Entry point of ``python -m dam_lightning`` and the ``dam-lightning`` script."""
+    # F_s is kept in eval mode on purpose; Lightning's generic warning about it would mislead.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
     DamCLI(
         EvaluatingModule,
         DomainAdaptationDataModule,
