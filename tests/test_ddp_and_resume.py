@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dam_lightning.callbacks import AdaptationSummary, GaussianMatching
-from dam_lightning.data import DomainAdaptationDataModule
+from dam_lightning.data import DomainAdaptationDataModule, UCIDigits
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 DOMAINS = ("source", "target")
@@ -126,7 +128,14 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         return n
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle_seed: int | None) -> DataLoader:
-        sampler = None if shuffle_seed is None else EpochShuffleSampler(len(dataset), shuffle_seed)
+        if shuffle_seed is not None:
+            sampler = EpochShuffleSampler(len(dataset), shuffle_seed)
+        elif dist.is_available() and dist.is_initialized():
+            # Lightning's default evaluation sampler pads the last rank with repeated images,
+            # which would count them twice; this one splits the set without repeats.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        else:
+            sampler = None
         return DataLoader(
             dataset,
             batch_size=batch_size,
