@@ -36,6 +36,13 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
     assert rank0.keys() == rank1.keys()
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert different == []
+    # validation metrics are synced over both ranks and count every target image exactly once
+    module = GAMAdaptModule(LeNet, num_classes=10)
+    module.load_state_dict({k: v for k, v in rank0.items() if k != "val/target/acc"})
+    target = torch.utils.data.Subset(UCIDigits(), range(255))
+    loader = torch.utils.data.DataLoader(target, batch_size=64)
+    expected = module.task.evaluate(module.target_net, loader, torch.device("cpu"))["acc"]
+    assert rank0["val/target/acc"].item() == pytest.approx(expected, abs=1e-6)
     moved = [
         k
         for k in rank0
