@@ -2,5 +2,14 @@
 
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
 from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
+from dam_lightning.data.label_shift import LabelShift
 
-__all__ = ["MNIST", "USPS", "DomainAdaptationDataModule", "SynDigits", "UCIDigits", "Unlabelled"]
+__all__ = [
+    "MNIST",
+    "USPS",
+    "DomainAdaptationDataModule",
+    "LabelShift",
+    "SynDigits",
+    "UCIDigits",
+    "Unlabelled",
+]
