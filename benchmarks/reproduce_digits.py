@@ -59,8 +59,12 @@ LABEL_SHIFT = {  # setting: (direction, which domain loses half of its odd/even 
     "MNIST->odd USPS": ("MNIST->USPS", "target", "odd"),
     "MNIST->even USPS": ("MNIST->USPS", "target", "even"),
 }
-PAPER_TABLE2 = {"odd MNIST->USPS": ("47.8", "50.5"), "even MNIST->USPS": ("37.1", "42.8"),
-                "MNIST->odd USPS": ("87.6", "72.8"), "MNIST->even USPS": ("73.7", "80.1")}  # fmt: skip
+PAPER_TABLE2 = {
+    "odd MNIST->USPS": ("47.8", "50.5"),
+    "even MNIST->USPS": ("37.1", "42.8"),
+    "MNIST->odd USPS": ("87.6", "72.8"),
+    "MNIST->even USPS": ("73.7", "80.1"),
+}
 
 
 def detect_protocol(root: str) -> str:
@@ -144,10 +148,11 @@ class ResultCache:
             stored = {"meta": meta, "runs": {}}  # other settings: start over
         self.data = stored
 
-    def get_or_run(self, key: str, run) -> float:
+    def get_or_run(self, key: str, run, *args) -> float:
+        """The cached value for ``key``, else ``run(*args)``, stored."""
         if key not in self.data["runs"]:
             start = time.perf_counter()
-            value = run()
+            value = run(*args)
             self.data["runs"][key] = value
             self.save()
             print(f"{key}: {value:.2f}  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -164,34 +169,30 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
     results: dict = {}
     for direction in args.directions:
         source, target = load_domains(direction, args.root, protocol)
+        tag = direction.replace("->", "_")
         for seed in args.seeds:
-            weights = workdir / f"{direction.replace('->', '_')}_seed{seed}.pt"
-
-            def source_only():
-                return train_supervised(source, target, seed, args.source_iterations, weights)
-
+            weights = workdir / f"{tag}_seed{seed}.pt"
+            key = f"{direction}/{{}}/{seed}"
             results.setdefault((direction, "source only"), []).append(
-                cache.get_or_run(f"{direction}/source only/{seed}", source_only)
-            )
-            if not weights.exists():  # cached accuracy but weights lost: retrain them
+                cache.get_or_run(
+                    key.format("source only"),
+                    train_supervised, source, target, seed, args.source_iterations, weights,
+                )
+            )  # fmt: skip
+            if not weights.exists():  # accuracy cached but weights lost: retrain them
                 train_supervised(source, target, seed, args.source_iterations, weights)
             for name, row in ADAPTATION_ROWS.items():
                 value = cache.get_or_run(
-                    f"{direction}/{name}/{seed}",
-                    lambda row=row: adapt(
-                        row, source, target, seed, args.adapt_iterations, weights
-                    ),
-                )
+                    key.format(name), adapt, row, source, target, seed, args.adapt_iterations,
+                    weights,
+                )  # fmt: skip
                 results.setdefault((direction, name), []).append(value)
-            supervised_weights = workdir / f"{direction.replace('->', '_')}_oracle{seed}.pt"
             results.setdefault((direction, "supervised on target"), []).append(
                 cache.get_or_run(
-                    f"{direction}/supervised on target/{seed}",
-                    lambda: train_supervised(
-                        target, target, seed, args.source_iterations, supervised_weights
-                    ),
+                    key.format("supervised on target"), train_supervised, target, target, seed,
+                    args.source_iterations, workdir / f"{tag}_oracle{seed}.pt",
                 )
-            )
+            )  # fmt: skip
     return results
 
 
@@ -207,16 +208,13 @@ def run_table2(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
             weights = workdir / f"shift_{setting.replace(' ', '_').replace('->', '_')}_{seed}.pt"
             before = cache.get_or_run(
                 f"{setting}/no adaptation/{seed}",
-                lambda: train_supervised(source, target, seed, args.source_iterations, weights),
-            )
+                train_supervised, source, target, seed, args.source_iterations, weights,
+            )  # fmt: skip
             if not weights.exists():
                 train_supervised(source, target, seed, args.source_iterations, weights)
             after = cache.get_or_run(
-                f"{setting}/GAM/{seed}",
-                lambda: adapt(
-                    ADAPTATION_ROWS["GAM (full)"], source, target, seed,
-                    args.adapt_iterations, weights,
-                ),
+                f"{setting}/GAM/{seed}", adapt, ADAPTATION_ROWS["GAM (full)"], source, target,
+                seed, args.adapt_iterations, weights,
             )  # fmt: skip
             results.setdefault((setting, "no adaptation"), []).append(before)
             results.setdefault((setting, "GAM"), []).append(after)
@@ -260,8 +258,11 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         "",
         "## Table 1",
         "",
-        "| approach | " + " | ".join(f"{d} (ours)" for d in args.directions) + " | "
-        + " | ".join(f"{d} (paper)" for d in args.directions) + " |",
+        "| approach | "
+        + " | ".join(f"{d} (ours)" for d in args.directions)
+        + " | "
+        + " | ".join(f"{d} (paper)" for d in args.directions)
+        + " |",
         "|---|" + "---|" * (2 * len(args.directions)),
     ]
     for row in TABLE1_ROWS:
@@ -279,7 +280,9 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         for setting in LABEL_SHIFT:
             before = mean_std(table2[(setting, "no adaptation")])
             after = mean_std(table2[(setting, "GAM")])
-            lines.append(f"| {setting} | {before} | {after} | " + " | ".join(PAPER_TABLE2[setting]) + " |")
+            lines.append(
+                f"| {setting} | {before} | {after} | " + " | ".join(PAPER_TABLE2[setting]) + " |"
+            )
     lines += ["", "![Table 1](digits.png)", ""]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines))
@@ -336,7 +339,9 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     table1 = run_table1(args, protocol, cache, workdir)
     table2 = run_table2(args, protocol, cache, workdir) if args.label_shift else {}
-    command = "python benchmarks/reproduce_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    quoted = [f"'{a}'" if ">" in a else a for a in given]  # directions contain '->'
+    command = "python benchmarks/reproduce_digits.py " + " ".join(quoted)
     write_report(args, protocol, table1, table2, command.strip(), time.perf_counter() - start)
     print(Path(args.report).read_text())
 

@@ -106,7 +106,8 @@ def test_gaussian_only_configuration_trains_nothing_but_matches(tiny_digits):
     dm = DomainAdaptationDataModule(source, target, batch_size=32)
     module = GAMAdaptModule(LeNet, num_classes=10, layers={}, drift_weight=0, source_steps=5)
     assert len(module.discriminators) == 0
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[GaussianMatching(calibration_batches=2)])
+    matching = GaussianMatching(calibration_batches=2)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[matching])
     trainer.fit(module, dm)
     assert trainer.global_step == 0  # no optimiser step: the callback did all the work
     assert _changed(_snapshot(module.source_net), module.target_net)

@@ -192,8 +192,9 @@ class USPS(DigitDataset):
             path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise FileNotFoundError(
-                f"USPS {split} file {name} not found in {', '.join(str(c.parent) for c in candidates)}"
-                ". Pass root= the folder that holds it, or download=True on a machine with internet"
+                f"USPS {split} file {name} not found in "
+                f"{', '.join(str(c.parent) for c in candidates)}. Pass root= the folder that "
+                "holds it, or download=True on a machine with internet"
             )
         pixels, labels = _read_libsvm(path, features=256)
         images = torch.from_numpy((pixels + 1.0) / 2.0).view(-1, 1, 16, 16)
@@ -335,7 +336,9 @@ def _centre_in_28(glyph: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-_TEXT_FONTS = re.compile(r"^(DejaVu(Sans|Serif)(Mono)?(-\w+)?|STIXGeneral\w*|cm(r|ss|tt|b|ti)10)\.ttf$")
+_TEXT_FONTS = re.compile(
+    r"^(DejaVu(Sans|Serif)(Mono)?(-\w+)?|STIXGeneral\w*|cm(r|ss|tt|b|ti)10)\.ttf$"
+)
 """matplotlib's text fonts; its math-symbol fonts (cmex10, cmsy10, ...) map digits to symbols."""
 
 

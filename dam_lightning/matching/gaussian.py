@@ -7,7 +7,9 @@ network order; each layer's target statistics are measured with earlier layers c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -58,9 +60,14 @@ class ChannelStatsAccumulator:
     def update(self, activation: Tensor) -> None:
         if activation.dim() < 2:
             raise ValueError(f"activation of shape {tuple(activation.shape)} has no channel dim")
-        values = activation.detach().transpose(0, 1).reshape(activation.shape[1], -1).double()
+        # var_mean is one fast, numerically stable pass in the activation's dtype; its per-batch
+        # results are turned into float64 sums, which add up exactly across batches and ranks.
+        dims = [d for d in range(activation.dim()) if d != 1]
+        var, mean = torch.var_mean(activation.detach().float(), dim=dims, correction=0)
+        count = activation.numel() // activation.shape[1]
+        mean, var = mean.double(), var.double()
         moments = torch.stack(
-            [torch.full_like(values[:, 0], values.shape[1]), values.sum(1), values.pow(2).sum(1)]
+            [torch.full_like(mean, count), count * mean, count * (var + mean.pow(2))]
         )
         self._moments = moments if self._moments is None else self._moments + moments
 
@@ -97,7 +104,7 @@ class LayerMatch:
     name: str
     source: ChannelStats
     target_before: ChannelStats
-    target_after: ChannelStats
+    target_after: ChannelStats  # alpha * target_before + beta: what F_t now has on this data
     alpha: Tensor
     beta: Tensor
 
@@ -235,10 +242,9 @@ class _LayerMatcher:
         """AdaBN measures a BatchNorm's input; everything else is measured at the output."""
         return isinstance(module, NORM_LAYERS) and self.batchnorm == "adabn"
 
-    def correct(self, name: str, module: nn.Module, output: Tensor) -> tuple[Tensor, Tensor]:
-        """Fold the correction of ``output`` (this layer's output on the target calibration
-        data) into ``module``; return the per-channel (alpha, beta), float64."""
-        stats = _stats_of(output, self.reduce)
+    def correct(self, name: str, module: nn.Module, stats: ChannelStats) -> tuple[Tensor, Tensor]:
+        """Fold the correction for ``stats`` (this layer's output statistics on the target
+        calibration data) into ``module``; return the per-channel (alpha, beta), float64."""
         source = self.source_stats[name]
         alpha = torch.where(
             stats.std < self.eps, torch.ones_like(stats.std), source.std / stats.std
@@ -247,42 +253,48 @@ class _LayerMatcher:
         _fold(module, alpha, beta)
         return alpha, beta
 
-    def report(self, name, output_before: ChannelStats, corrected: Tensor, alpha, beta):
-        after = _stats_of(corrected, self.reduce)
-        return LayerMatch(name, self.source_stats[name], output_before, after, alpha, beta)
+    def report(self, name, before: ChannelStats, alpha, beta) -> LayerMatch:
+        after = _affine(before, alpha, beta)
+        return LayerMatch(name, self.source_stats[name], before, after, alpha, beta)
 
 
 def _match_one_pass(net, modules, batches, matcher) -> dict[str, LayerMatch]:
-    """One forward of all batches at once; hooks correct each layer as the forward reaches it,
-    so later layers are measured on corrected inputs."""
+    """One forward pass per calibration batch, all batches in lockstep: each matched layer's
+    hook waits until every batch has reached the layer, folds the correction computed from all
+    of their outputs, and hands each batch its corrected output, so later layers are measured
+    on corrected inputs. Costs one forward pass over the calibration batches."""
     if not batches:
         raise ValueError("no target calibration batch was given")
     matches: dict[str, LayerMatch] = {}
-    adabn_changes: dict[str, tuple[Tensor, Tensor]] = {}
+    lockstep = _Lockstep(len(batches))
 
-    def adabn_pre_hook(name):
-        def hook(module, args):  # set running stats before BatchNorm normalises this input
-            adabn_changes[name] = _adabn(module, _stats_of(args[0], matcher.reduce))
+    def correct_layer(name, module, outputs):
+        if name in matches:
+            raise ValueError(
+                f"layer {name!r} ran twice in one forward pass (shared weights?): its "
+                "correction cannot be folded once; match a layer that runs once"
+            )
+        before = _stats_of(outputs, matcher.reduce)
+        alpha, beta = matcher.correct(name, module, before)
+        matches[name] = matcher.report(name, before, alpha, beta)
+        return alpha, beta
 
-        return hook
+    def adabn_layer(name, module, inputs):
+        stats = _stats_of(inputs, matcher.reduce)
+        before = _batchnorm_output_stats(module, stats)
+        alpha, beta = _adabn(module, stats)
+        matches[name] = matcher.report(name, before, alpha, beta)
 
     def output_hook(name):
         def hook(module, args, output):
-            if name in matches:
-                raise ValueError(
-                    f"layer {name!r} ran twice in one forward pass (shared weights?): its "
-                    "correction cannot be folded once; match a layer that runs once"
-                )
-            if name in adabn_changes:
-                alpha, beta = adabn_changes.pop(name)
-                before = _stats_of(_apply(output, 1 / alpha, -beta / alpha), matcher.reduce)
-                corrected = output
-            else:
-                before = _stats_of(output, matcher.reduce)
-                alpha, beta = matcher.correct(name, module, output)
-                corrected = _apply(output, alpha, beta)
-            matches[name] = matcher.report(name, before, corrected, alpha, beta)
-            return corrected
+            alpha, beta = lockstep.rendezvous(output, lambda o: correct_layer(name, module, o))
+            return _apply_(output, alpha, beta)
+
+        return hook
+
+    def adabn_pre_hook(name):
+        def hook(module, args):  # new running stats before BatchNorm normalises its input
+            lockstep.rendezvous(args[0], lambda inputs: adabn_layer(name, module, inputs))
 
         return hook
 
@@ -290,14 +302,96 @@ def _match_one_pass(net, modules, batches, matcher) -> dict[str, LayerMatch]:
     for name, module in modules.items():
         if matcher.uses_input(module):
             handles.append(module.register_forward_pre_hook(adabn_pre_hook(name)))
-        handles.append(module.register_forward_hook(output_hook(name)))
+        else:
+            handles.append(module.register_forward_hook(output_hook(name)))
     try:
-        net(torch.cat(batches))
+        lockstep.run(net, batches)
     finally:
         for h in handles:
             h.remove()
     _check_all_ran(modules, matches)
     return matches
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A thread pool kept across calls: a new thread pays to start its own intra-op thread
+    team on its first operation, which would cost more than the matching itself on a CPU."""
+    global _EXECUTOR
+    if _EXECUTOR is None or _EXECUTOR._max_workers < workers:
+        if _EXECUTOR is not None:
+            _EXECUTOR.shutdown(wait=False)
+        _EXECUTOR = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gaussian-match")
+    return _EXECUTOR
+
+
+class _Aborted(Exception):
+    """Raised in the waiting threads of a lockstep run when another thread failed."""
+
+
+class _Lockstep:
+    """Run ``net(batch)`` for every batch, each in a thread, the threads taking turns (only one
+    computes at a time: cache-friendly, no oversubscription). A hook that calls ``rendezvous``
+    pauses its batch until all batches have reached the same point; the last one to arrive runs
+    ``on_all`` over everything gathered, and each batch then continues with its result.
+
+    This is how a forward pass can be paused at a layer without knowing the network's code.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.turn = 0
+        self.condition = threading.Condition()
+        self.errors: list[BaseException] = []
+        self.local = threading.local()
+        self.gathered: list[Tensor] = []
+        self.result = None
+
+    def run(self, net: nn.Module, batches: list[Tensor]) -> None:
+        futures = [
+            _executor(len(batches)).submit(self._forward, net, x, slot)
+            for slot, x in enumerate(batches)
+        ]
+        for future in futures:
+            future.result()
+        real = [e for e in self.errors if not isinstance(e, _Aborted)]
+        if real:
+            raise real[0]
+
+    def _forward(self, net: nn.Module, x: Tensor, slot: int) -> None:
+        self.local.slot = slot
+        try:
+            self._wait_for_turn(slot)
+            with torch.no_grad():  # grad mode is per thread
+                net(x)
+            self._pass_turn()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+            with self.condition:
+                self.errors.append(error)
+                self.condition.notify_all()
+
+    def rendezvous(self, value: Tensor, on_all):
+        slot = self.local.slot
+        self.gathered.append(value)
+        if slot == self.count - 1:
+            gathered, self.gathered = self.gathered, []
+            self.result = on_all(gathered)
+        self._pass_turn()
+        self._wait_for_turn(slot)
+        return self.result
+
+    def _wait_for_turn(self, slot: int) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.turn == slot or self.errors)
+            if self.errors:
+                raise _Aborted
+
+    def _pass_turn(self) -> None:
+        with self.condition:
+            self.turn = (self.turn + 1) % self.count
+            self.condition.notify_all()
 
 
 def _match_layerwise(net, modules, batches, matcher) -> dict[str, LayerMatch]:
@@ -307,16 +401,13 @@ def _match_layerwise(net, modules, batches, matcher) -> dict[str, LayerMatch]:
     matches: dict[str, LayerMatch] = {}
     for name in _execution_order(net, modules, batches[0]):
         module = modules[name]
-        outputs = _collect(net, module, batches, want_input=False)
-        before = _stats_of(outputs, matcher.reduce)
+        before = _stats_of(_collect(net, module, batches, want_input=False), matcher.reduce)
         if matcher.uses_input(module):
             inputs = _collect(net, module, batches, want_input=True)
             alpha, beta = _adabn(module, _stats_of(inputs, matcher.reduce))
-            corrected = _apply(outputs, alpha, beta)
         else:
-            alpha, beta = matcher.correct(name, module, outputs)
-            corrected = _apply(outputs, alpha, beta)
-        matches[name] = matcher.report(name, before, corrected, alpha, beta)
+            alpha, beta = matcher.correct(name, module, before)
+        matches[name] = matcher.report(name, before, alpha, beta)
     return matches
 
 
@@ -370,18 +461,31 @@ def _check_all_ran(modules, ran) -> None:
         raise ValueError(f"layers {missing} were not called during the forward pass")
 
 
-def _stats_of(activation: Tensor, reduce) -> ChannelStats:
+def _stats_of(activations: Tensor | list[Tensor], reduce) -> ChannelStats:
     acc = ChannelStatsAccumulator()
-    acc.update(activation)
+    for activation in activations if isinstance(activations, list) else [activations]:
+        acc.update(activation)
     return acc.compute(reduce)
 
 
-def _apply(output: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
-    """alpha * output + beta per channel (dim 1), in the output's dtype."""
+def _affine(stats: ChannelStats, alpha: Tensor, beta: Tensor) -> ChannelStats:
+    """Statistics of ``alpha * A + beta`` given those of ``A``."""
+    return ChannelStats(alpha * stats.mean + beta, alpha.abs() * stats.std, stats.count)
+
+
+def _apply_(output: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """alpha * output + beta per channel (dim 1), in place."""
     shape = (1, -1) + (1,) * (output.dim() - 2)
-    a = alpha.to(output.dtype).view(shape)
-    b = beta.to(output.dtype).view(shape)
-    return output * a + b
+    return output.mul_(alpha.to(output.dtype).view(shape)).add_(beta.to(output.dtype).view(shape))
+
+
+def _batchnorm_output_stats(module: nn.Module, inputs: ChannelStats) -> ChannelStats:
+    """Statistics of an eval-mode BatchNorm's output, from those of its input."""
+    scale = (module.running_var.double() + module.eps).rsqrt()
+    gamma = module.weight.double() if module.affine else torch.ones_like(scale)
+    shift = module.bias.double() if module.affine else torch.zeros_like(scale)
+    alpha = gamma * scale
+    return _affine(inputs, alpha, shift - alpha * module.running_mean.double())
 
 
 def _fold(module: nn.Module, alpha: Tensor, beta: Tensor) -> None:
