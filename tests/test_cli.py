@@ -86,7 +86,14 @@ def test_demo_pipeline_runs_and_writes_its_summary(tmp_path, capsys):
     assert list(rows) == ["source only", "after Gaussian matching", "after GAM"]
     assert all(0.0 <= row["acc"] <= 1.0 for row in rows.values())
     assert list(summaries[0].parent.glob("config.yaml"))  # config saved in the run's folder
-    assert list(summaries[0].parent.glob("checkpoints/*.ckpt"))
+    last = summaries[0].parent / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    validate = ["validate", *_tiny_demo_args(tmp_path)[1:], f"--ckpt_path={last}"]
+    training_only = ("--trainer.max_epochs", "--trainer.limit")
+    validate = [a for a in validate if not a.startswith(training_only)]
+    main(validate)
+    assert "val/target/acc" in capsys.readouterr().out
 
 
 @pytest.mark.slow
