@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -14,6 +15,21 @@ torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DIGITS = REPO.parent / "shared" / "data" / "digits"
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU Trainer that logs, checkpoints and prints nothing unless asked to."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from dam_lightning.callbacks import GaussianMatching
 from dam_lightning.data import DomainAdaptationDataModule, SynDigits, UCIDigits
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
+from tests.conftest import quiet_trainer
 
 
 class SaveRankState(L.Callback):
@@ -37,17 +38,12 @@ def main(outdir: str) -> None:
     target_small.num_classes = target.num_classes
     dm = DomainAdaptationDataModule(SynDigits(400, seed=0), target_small, batch_size=32)
     module = GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp_find_unused_parameters_true",
         max_epochs=2,
         limit_train_batches=3,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        limit_val_batches=None,
         callbacks=[GaussianMatching(calibration_batches=2), SaveRankState(outdir)],
     )
     trainer.fit(module, dm)

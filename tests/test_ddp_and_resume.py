@@ -16,7 +16,7 @@ from dam_lightning.data import DomainAdaptationDataModule, UCIDigits
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 
-from .conftest import REPO
+from .conftest import REPO, quiet_trainer
 
 
 @pytest.mark.slow
@@ -54,15 +54,11 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
 
 def _fit(module, dm, root, max_epochs, ckpt_path=None):
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=max_epochs,
         limit_train_batches=3,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         default_root_dir=root,
         callbacks=[GaussianMatching(calibration_batches=2), AdaptationSummary(), checkpoint],
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -10,6 +9,8 @@ from dam_lightning.callbacks import GaussianMatching
 from dam_lightning.data import DomainAdaptationDataModule
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
+
+from .conftest import quiet_trainer
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -40,18 +41,7 @@ class StepSpy(GAMAdaptModule):
         self._record("G", super()._target_step, *args)
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+_trainer = quiet_trainer
 
 
 def test_discriminator_step_and_target_step_update_exactly_their_own_parameters(tiny_digits):
