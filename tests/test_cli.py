@@ -16,7 +16,7 @@ from dam_lightning.cli import main
 from .conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-OVERLAYS = {"ddp.yaml"}  # only meaningful on top of an experiment config
+OVERLAYS = {"ddp.yaml", "digits_reduced.yaml"}  # only meaningful on top of an experiment config
 
 
 def _tiny_demo_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -61,6 +61,18 @@ def test_ddp_overlay_parses_on_top_of_an_experiment(capsys):
         )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+
+
+def test_reduced_protocol_overlay_switches_both_domains_to_the_test_splits(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            ["fit", "--config", str(REPO / "configs/usps_mnist.yaml"),
+             "--config", str(REPO / "configs/digits_reduced.yaml"), "--print_config"]
+        )  # fmt: skip
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["source"]["class_path"].endswith("USPS")
+    assert data["source"]["init_args"]["split"] == data["target"]["init_args"]["split"] == "test"
+    assert data["source_val"] is None
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
