@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
 from dam_lightning.matching.drift import DriftReduction, weight_drift
 from dam_lightning.matching.taps import ActivationTaps
@@ -166,8 +167,6 @@ class GAMAdaptModule(EvaluatingModule):
         self.source_ready.fill_(True)
 
     def _check_something_trains(self) -> None:
-        from dam_lightning.callbacks.gaussian_matching import GaussianMatching
-
         matching = any(isinstance(cb, GaussianMatching) for cb in self.trainer.callbacks)
         if not self.layers and self.hparams.drift_weight == 0 and not matching:
             raise ValueError(
