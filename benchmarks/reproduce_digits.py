@@ -221,10 +221,21 @@ def run_table2(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
     return results
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], expected_runs: int) -> str:
+    partial = "" if len(values) == expected_runs else f" (n={len(values)})"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.1f}{partial}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}{partial}"
+
+
+def tables_from_cache(cache: ResultCache) -> tuple[dict, dict]:
+    """Table 1 and Table 2 cells from whatever runs the cache holds (for --report-only)."""
+    table1: dict = {}
+    table2: dict = {}
+    for key, value in cache.data["runs"].items():
+        setting, row, _seed = key.split("/")
+        (table2 if setting in LABEL_SHIFT else table1).setdefault((setting, row), []).append(value)
+    return table1, table2
 
 
 def machine() -> str:
@@ -243,7 +254,8 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         "",
         f"    {command}",
         "",
-        f"Machine: {machine()}. Wall time: {seconds / 60:.0f} min.",
+        f"Machine: {machine()}. "
+        + (f"Wall time: {seconds / 60:.0f} min." if seconds else "Assembled from cached runs."),
         "",
         f"Protocol: **{protocol}** "
         + (
@@ -266,7 +278,10 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         "|---|" + "---|" * (2 * len(args.directions)),
     ]
     for row in TABLE1_ROWS:
-        ours = [mean_std(table1[(d, row)]) if (d, row) in table1 else "-" for d in args.directions]
+        ours = [
+            mean_std(table1[(d, row)], len(args.seeds)) if (d, row) in table1 else "-"
+            for d in args.directions
+        ]
         paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
         lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
     if table2:
@@ -278,8 +293,8 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
             "|---|---|---|---|---|",
         ]
         for setting in LABEL_SHIFT:
-            before = mean_std(table2[(setting, "no adaptation")])
-            after = mean_std(table2[(setting, "GAM")])
+            before = mean_std(table2.get((setting, "no adaptation"), []), len(args.seeds))
+            after = mean_std(table2.get((setting, "GAM"), []), len(args.seeds))
             lines.append(
                 f"| {setting} | {before} | {after} | " + " | ".join(PAPER_TABLE2[setting]) + " |"
             )
@@ -298,11 +313,9 @@ def plot(args, table1, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(args.directions)
     for i, direction in enumerate(args.directions):
-        means = [statistics.mean(table1[(direction, r)]) for r in TABLE1_ROWS]
-        stds = [
-            statistics.stdev(table1[(direction, r)]) if len(table1[(direction, r)]) > 1 else 0
-            for r in TABLE1_ROWS
-        ]
+        runs = [table1.get((direction, r), [0.0]) for r in TABLE1_ROWS]
+        means = [statistics.mean(v) for v in runs]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in runs]
         xs = [x + i * width for x in range(len(TABLE1_ROWS))]
         ax.bar(xs, means, width, yerr=stds, label=direction, capsize=2)
     ax.set_xticks([x + width * (len(args.directions) - 1) / 2 for x in range(len(TABLE1_ROWS))])
@@ -324,6 +337,11 @@ def parse_args(argv=None):
     parser.add_argument("--label-shift", action="store_true", help="also run Table 2")
     parser.add_argument("--report", default="docs/results/digits.md")
     parser.add_argument("--cache", default="benchmarks/.cache/digits.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs cached so far (cells show n when incomplete)",
+    )
     return parser.parse_args(argv)
 
 
@@ -332,17 +350,21 @@ def main(argv=None) -> None:
     torch.set_float32_matmul_precision("high")
     protocol = detect_protocol(args.root)
     print(f"Protocol: {protocol} ({args.root})", flush=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("report", "cache")}
+    config = {k: v for k, v in vars(args).items() if k not in ("report", "cache", "report_only")}
     cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
     workdir = Path(args.cache).parent / "weights"
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    table1 = run_table1(args, protocol, cache, workdir)
-    table2 = run_table2(args, protocol, cache, workdir) if args.label_shift else {}
-    given = sys.argv[1:] if argv is None else argv
+    if args.report_only:
+        table1, table2 = tables_from_cache(cache)
+    else:
+        table1 = run_table1(args, protocol, cache, workdir)
+        table2 = run_table2(args, protocol, cache, workdir) if args.label_shift else {}
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     quoted = [f"'{a}'" if ">" in a else a for a in given]  # directions contain '->'
     command = "python benchmarks/reproduce_digits.py " + " ".join(quoted)
-    write_report(args, protocol, table1, table2, command.strip(), time.perf_counter() - start)
+    seconds = None if args.report_only else time.perf_counter() - start
+    write_report(args, protocol, table1, table2, command.strip(), seconds)
     print(Path(args.report).read_text())
 
 
