@@ -198,9 +198,11 @@ def gaussian_match(
             ``"adabn"`` instead sets its running statistics to the target statistics of its
             input (AdaBN), which matches the source only as far as F_s's own running statistics
             describe the source data.
-        mode: ``"one_pass"`` runs all target batches as one batch through F_t once: each
-            layer's hook measures, folds, and hands the corrected output on. ``"layerwise"``
-            streams the batches once per layer (less memory, more compute); same result.
+        mode: ``"one_pass"`` runs each target batch through F_t once, all batches in
+            lockstep: each layer's hook waits for every batch, folds the correction, and hands
+            the corrected output on. It holds every batch's activation at the current layer and
+            needs the network to run the same layers for every batch. ``"layerwise"`` streams
+            the batches once per layer (less memory, more compute); same result.
         source_stats: cached ``measure_statistics(source_net, ...)``; skips the F_s pass.
         reduce: sums statistics across processes (DDP), so every rank folds the same values.
         eps: a channel with target std below ``eps`` keeps its scale (alpha = 1) and is only
