@@ -30,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils.data import Subset
 
 from dam_lightning.callbacks import GaussianMatching
 from dam_lightning.data import MNIST, USPS, DomainAdaptationDataModule, LabelShift
@@ -115,6 +116,17 @@ def train_supervised(labelled, target, seed: int, iterations: int, weights: Path
     return evaluate(module, module.net, target)
 
 
+def supervised_on_target(target, seed: int, iterations: int, weights: Path) -> float:
+    """The upper bound: LeNet trained on the labels of a random half of the target images and
+    scored on the other half (scoring the images it was trained on would only measure
+    memorisation: 100%)."""
+    order = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed)).tolist()
+    half = len(order) // 2
+    train, held_out = Subset(target, order[:half]), Subset(target, order[half:])
+    train.num_classes = held_out.num_classes = target.num_classes
+    return train_supervised(train, held_out, seed, iterations, weights)
+
+
 def adapt(row: dict, source, target, seed: int, iterations: int, weights: Path) -> float:
     """One adaptation row of Table 1 from the given source weights; final-checkpoint accuracy."""
     L.seed_everything(seed, verbose=False)
@@ -189,7 +201,7 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
                 results.setdefault((direction, name), []).append(value)
             results.setdefault((direction, "supervised on target"), []).append(
                 cache.get_or_run(
-                    key.format("supervised on target"), train_supervised, target, target, seed,
+                    key.format("supervised on target"), supervised_on_target, target, seed,
                     args.source_iterations, workdir / f"{tag}_oracle{seed}.pt",
                 )
             )  # fmt: skip
@@ -266,7 +278,9 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         )
         + f". Seeds: {args.seeds}. Source training {args.source_iterations} iterations, "
         f"adaptation {args.adapt_iterations} iterations (the paper: 10,000 each), batch 128. "
-        "Accuracy (%) of the final network on the target; mean ± std over seeds.",
+        "Accuracy (%) of the final network on the target; mean ± std over seeds. The "
+        "supervised row trains on the labels of half of the target images and scores the other "
+        "half.",
         "",
         "## Table 1",
         "",
