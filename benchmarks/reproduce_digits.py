@@ -359,6 +359,20 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _result_arguments(argv: list[str]) -> list[str]:
+    """The arguments that decide the results (not where the cache and report go)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--report-only":
+            skip = False
+            continue
+        if arg in ("--cache", "--report"):
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_float32_matmul_precision("high")
@@ -374,7 +388,7 @@ def main(argv=None) -> None:
     else:
         table1 = run_table1(args, protocol, cache, workdir)
         table2 = run_table2(args, protocol, cache, workdir) if args.label_shift else {}
-    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    given = _result_arguments(sys.argv[1:] if argv is None else argv)
     quoted = [f"'{a}'" if ">" in a else a for a in given]  # directions contain '->'
     command = "python benchmarks/reproduce_digits.py " + " ".join(quoted)
     seconds = None if args.report_only else time.perf_counter() - start
