@@ -7,10 +7,12 @@ folder (and W&B) instead of failing on the second run that shares a save_dir.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -34,11 +36,20 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         path = unused_path(os.path.join(run_directory(trainer), self.config_filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.parser.save(self.config, path, skip_none=False, skip_validation=True)
+        self.parser.save(self.config, path, skip_validation=True, **_KEEP_NONE)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                as_dict = self.parser.dump(self.config, skip_none=False, format="json")
+                as_dict = self.parser.dump(self.config, format="json", **_KEEP_NONE)
                 logger.experiment.config.update({"cli": as_dict}, allow_val_change=True)
+
+
+# Keep ``null`` entries in saved configs, so a saved config round-trips. jsonargparse 4.49 renamed
+# the keyword (skip_none -> skip_unset) and warns on the old one.
+_KEEP_NONE = (
+    {"skip_unset": False}
+    if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
+    else {"skip_none": False}
+)
 
 
 class DamCLI(LightningCLI):

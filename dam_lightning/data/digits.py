@@ -1,11 +1,12 @@
-"""Digit datasets: readers for the real on-disk formats (MNIST idx, USPS LIBSVM) and two domains
-that ship with the installed packages (SynDigits from matplotlib's fonts, UCIDigits from
-scikit-learn). All give 1x28x28 float images in [0, 1]; nothing here downloads unless asked.
+"""Digit datasets: readers for the real on-disk formats (MNIST idx, USPS LIBSVM) and two offline
+domains built from installed packages (SynDigits: matplotlib's fonts, UCIDigits: scikit-learn).
+Each yields 1x28x28 float images in [0, 1], with no other transform; none downloads unless asked.
 """
 
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -25,18 +27,29 @@ Split = Literal["train", "test"]
 
 
 class DigitDataset(Dataset):
-    """In-memory digits: ``images`` (N, 1, 28, 28) float32 in [0, 1], ``labels`` (N,) int64."""
+    """In-memory digits: ``images`` (N, 1, 28, 28) float32 in [0, 1], ``labels`` (N,) int64 0..9.
+
+    Subclasses only build the two tensors; indexing, sizes and naming live here.
+    """
 
     classes = DIGIT_CLASSES
 
-    def __init__(self, images: Tensor, labels: Tensor, description: str):
-        if len(images) != len(labels):
-            raise ValueError(f"{description}: {len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.description = images, labels, description
+    def __init__(self, images: Tensor, labels: Tensor, split: str):
+        if images.shape[1:] != (1, 28, 28) or len(images) != len(labels):
+            raise ValueError(
+                f"{type(self).__name__}: images {tuple(images.shape)} and labels "
+                f"{tuple(labels.shape)} must be (N, 1, 28, 28) and (N,)"
+            )
+        self.images, self.labels, self.split = images, labels, split
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def name(self) -> str:
+        """Dataset and split, e.g. ``"MNIST-test"``: short enough for logs and figure titles."""
+        return f"{type(self).__name__}-{self.split}"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,7 +58,12 @@ class DigitDataset(Dataset):
         return self.images[index], self.labels[index]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.description}, {len(self)} images)"
+        return f"{type(self).__name__}(split={self.split!r}, size={len(self)})"
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
 # ---- MNIST ---------------------------------------------------------------------------------------
@@ -54,63 +72,58 @@ _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_IMAGES, _IDX_LABELS = 2051, 2049
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049  # 0x00000803 / 0x00000801: uint8 data, 3 / 1 dimensions
 
 
 class MNIST(DigitDataset):
-    """MNIST from its idx files (``.gz`` or not), one split at a time.
+    """MNIST from its idx files, one split at a time; each file may be gzipped (``.gz``).
 
-    Looks in ``root``, ``root/MNIST/raw`` and ``root/raw``. Unlike torchvision's class it reads
-    a folder that holds only the test split.
+    Format: a big-endian header (magic 2051 for images with dims n, 28, 28; 2049 for labels with
+    n) followed by n*28*28 (or n) uint8 values. Pixels are scaled to [0, 1] by /255. The files
+    are looked for in ``root``, ``root/MNIST/raw`` (torchvision's layout) and ``root/raw``.
+    Unlike torchvision's class, a folder holding only the test split is enough for ``"test"``.
 
     Example:
         >>> ds = MNIST("../shared/data/digits", split="test")  # doctest: +SKIP
-        >>> len(ds), ds[0][0].shape  # doctest: +SKIP
-        (10000, torch.Size([1, 28, 28]))
+        >>> len(ds), ds[0][0].shape, ds.name  # doctest: +SKIP
+        (10000, torch.Size([1, 28, 28]), 'MNIST-test')
     """
 
-    def __init__(self, root: str, split: Split = "test", download: bool = False):
+    def __init__(self, root: str, split: Split = "train", download: bool = False):
         _check_split(split)
         folders = [Path(root), Path(root) / "MNIST" / "raw", Path(root) / "raw"]
         found = _find_mnist(folders, split)
         if found is None and download:
-            _download_mnist(Path(root) / "MNIST" / "raw")
+            _download_mnist(folders[1], split)
             found = _find_mnist(folders, split)
         if found is None:
-            names = " and ".join(f"{n}[.gz]" for n in _MNIST_FILES[split])
+            images_name, labels_name = _MNIST_FILES[split]
             raise FileNotFoundError(
-                f"MNIST {split} files ({names}) not found in any of: "
-                f"{', '.join(str(f) for f in folders)}. Pass root= the folder that holds them, "
-                "or download=True on a machine with internet"
+                f"MNIST {split} files {images_name}[.gz] and {labels_name}[.gz] are not both in "
+                f"any of: {', '.join(str(f) for f in folders)}. Pass root=... pointing at the "
+                f"folder with {images_name}[.gz], or download=True with internet"
             )
         image_file, label_file = found
         images = _read_idx(image_file, _IDX_IMAGES)
         labels = _read_idx(label_file, _IDX_LABELS)
-        if images.shape[1:] != (28, 28):
-            raise ValueError(f"{image_file}: images are {images.shape[1:]}, MNIST's are 28x28")
-        if len(images) != len(labels):
-            raise ValueError(
-                f"{image_file} has {len(images)} images but {label_file} has {len(labels)} "
-                "labels: the pair is mismatched, re-download both files"
-            )
-        if len(labels) and labels.max() > 9:
-            raise ValueError(f"{label_file}: label {labels.max()} is not a digit 0..9")
+        _check_mnist(images, labels, image_file, label_file)
         super().__init__(
             torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
             torch.from_numpy(labels.astype(np.int64)),
-            f"split={split}, root={root}",
+            split,
         )
 
 
 def _find_mnist(folders: list[Path], split: str) -> tuple[Path, Path] | None:
+    """The first folder's (images, labels) pair; both files must sit in the same folder."""
     for folder in folders:
-        paths = [_with_optional_gz(folder / name) for name in _MNIST_FILES[split]]
-        if all(p is not None for p in paths):
-            return paths[0], paths[1]
+        images, labels = (_plain_or_gz(folder / name) for name in _MNIST_FILES[split])
+        if images is not None and labels is not None:
+            return images, labels
     return None
 
 
-def _with_optional_gz(path: Path) -> Path | None:
+def _plain_or_gz(path: Path) -> Path | None:
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.is_file():
             return candidate
@@ -118,71 +131,99 @@ def _with_optional_gz(path: Path) -> Path | None:
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse an idx file (big-endian header: magic, dims; then uint8 data), checking its size."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Parse an idx file of uint8 data, rejecting a wrong magic number or a wrong length."""
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path} is corrupt ({err}); re-download the file") from err
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:  # a damaged gzip stream
+        raise ValueError(f"{path} cannot be decompressed ({err}); re-download the file") from err
     ndim = 3 if magic == _IDX_IMAGES else 1
-    header = 4 + 4 * ndim
+    header = 4 * (1 + ndim)
     if len(data) < header:
-        raise ValueError(f"{path} is {len(data)} bytes, too short for an idx header")
-    found_magic = int.from_bytes(data[:4], "big")
-    if found_magic != magic:
         raise ValueError(
-            f"{path}: idx magic number {found_magic}, expected {magic} "
-            f"({'images' if magic == _IDX_IMAGES else 'labels'}); is it the right file?"
+            f"{path} is {len(data)} bytes, shorter than the {header}-byte idx header; "
+            "re-download the file"
         )
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    found_magic, *dims = np.frombuffer(data, dtype=">u4", count=1 + ndim).tolist()
+    if found_magic != magic:
+        kind = "images (2051)" if magic == _IDX_IMAGES else "labels (2049)"
+        raise ValueError(
+            f"{path}: idx magic number {found_magic}, expected {magic} for {kind}; "
+            "check the file name, or re-download the file"
+        )
     expected = header + int(np.prod(dims))
     if len(data) != expected:
+        unpacked = " (decompressed)" if path.suffix == ".gz" else ""
         raise ValueError(
-            f"{path} is {len(data)} bytes but its header announces {dims} -> {expected} bytes: "
-            "the file is truncated or corrupt; re-download the file"
+            f"{path} is {len(data)} bytes{unpacked} but its header {dims} needs {expected} "
+            "bytes: the file is truncated or has trailing data; re-download the file"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _download_mnist(folder: Path) -> None:
+def _check_mnist(images: np.ndarray, labels: np.ndarray, image_file: Path, label_file: Path):
+    if images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"{image_file}: images are {images.shape[1]}x{images.shape[2]}, MNIST's are 28x28; "
+            "is it an MNIST file? Re-download the file"
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels: "
+            "the two files are from different downloads; re-download both"
+        )
+    bad = np.flatnonzero(labels > 9)  # uint8, so never below 0
+    if len(bad):
+        raise ValueError(
+            f"{label_file}: label {labels[bad[0]]} at index {bad[0]} is not a digit 0..9; "
+            "re-download the file"
+        )
+
+
+def _download_mnist(folder: Path, split: str) -> None:
+    """Fetch one split's two files from torchvision's mirrors, checking torchvision's md5s."""
     from torchvision.datasets import MNIST as TorchvisionMNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
+    prefix = "train" if split == "train" else "t10k"
     for filename, md5 in TorchvisionMNIST.resources:
+        if not filename.startswith(prefix):
+            continue
         errors = []
         for mirror in TorchvisionMNIST.mirrors:
             try:
                 download_and_extract_archive(mirror + filename, str(folder), md5=md5)
                 break
-            except Exception as err:  # noqa: BLE001 - try the next mirror, report all at the end
-                errors.append(f"{mirror}: {err}")
+            except Exception as err:  # any mirror failure: try the next, report all at the end
+                errors.append(f"{mirror}{filename}: {err}")
         else:
             raise RuntimeError(
-                f"downloading MNIST {filename} failed ({'; '.join(errors)}). Place the idx files "
-                f"in {folder} by hand and pass download=False"
+                f"downloading MNIST failed ({'; '.join(errors)}). Place the {split} idx files "
+                f"(or their .gz) in {folder} by hand and pass download=False"
             )
 
 
 # ---- USPS ----------------------------------------------------------------------------------------
 
 _USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}
+_USPS_PIXELS = 256
+_USPS_TOLERANCE = 1e-6  # the LIBSVM files print values like -1.000000 and 1.000001
 
 
 class USPS(DigitDataset):
-    """USPS from its bz2-compressed LIBSVM files (``usps.bz2``, ``usps.t.bz2``).
+    """USPS from its bz2-compressed LIBSVM files: ``usps.bz2`` (train) and ``usps.t.bz2`` (test).
 
-    Lines are ``label idx:value ...`` with labels 1..10 for digits 0..9 and values in [-1, 1]
-    (a missing index means 0, as in LIBSVM). Pixels are mapped ``(x+1)/2`` and the 16x16 images
-    resized bilinearly to 28x28, as in the paper's code. Looks in ``root`` and ``root/USPS``.
+    Format: one image per line, ``label idx:value ...``; labels 1..10 stand for digits 0..9,
+    indices 1..256 address a 16x16 row-major image, values lie in [-1, 1] and a missing index
+    means 0 (LIBSVM's sparse convention). Pixels are mapped ``(x+1)/2`` into [0, 1] and resized
+    bilinearly to 28x28. The file is looked for in ``root`` and ``root/USPS``.
 
     Example:
         >>> ds = USPS("../shared/data/digits", split="test")  # doctest: +SKIP
-        >>> len(ds)  # doctest: +SKIP
-        2007
+        >>> len(ds), ds[0][0].shape, ds.name  # doctest: +SKIP
+        (2007, torch.Size([1, 28, 28]), 'USPS-test')
     """
 
-    def __init__(self, root: str, split: Split = "test", download: bool = False):
+    def __init__(self, root: str, split: Split = "train", download: bool = False):
         _check_split(split)
         name = _USPS_FILES[split]
         candidates = [Path(root) / name, Path(root) / "USPS" / name]
@@ -192,160 +233,188 @@ class USPS(DigitDataset):
             path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise FileNotFoundError(
-                f"USPS {split} file {name} not found in "
-                f"{', '.join(str(c.parent) for c in candidates)}. Pass root= the folder that "
-                "holds it, or download=True on a machine with internet"
+                f"USPS {split} file {name} is not in any of: "
+                f"{', '.join(str(c) for c in candidates)}. Pass root=... pointing at the folder "
+                f"with {name}, or download=True with internet"
             )
-        pixels, labels = _read_libsvm(path, features=256)
+        pixels, labels = _read_libsvm(path)
         images = torch.from_numpy((pixels + 1.0) / 2.0).view(-1, 1, 16, 16)
         images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
-        super().__init__(
-            images.clamp(0.0, 1.0),
-            torch.from_numpy(labels - 1),
-            f"split={split}, root={root}",
-        )
+        super().__init__(images.clamp(0.0, 1.0), torch.from_numpy(labels - 1), split)
 
 
-def _read_libsvm(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a bz2 LIBSVM file into (pixels float32 (N, features), labels int64 1..10)."""
+def _read_libsvm(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a USPS LIBSVM file into pixels (N, 256) float32 in [-1, 1] and labels (N,) 1..10."""
     try:
-        with bz2.open(path, "rt") as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-    except (OSError, EOFError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable bz2 file ({err}); re-download it") from err
+        text = bz2.decompress(path.read_bytes()).decode("ascii")
+    except (OSError, EOFError, ValueError) as err:  # not bz2, cut short, or not text
+        raise ValueError(f"{path} is not a readable bz2 text file ({err}); re-download it") from err
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        raise ValueError(f"{path} holds no sample; re-download it")
-    pixels = np.zeros((len(lines), features), dtype=np.float32)
+        raise ValueError(f"{path} holds no samples; re-download it")
+    pixels = np.zeros((len(lines), _USPS_PIXELS), dtype=np.float32)
     labels = np.zeros(len(lines), dtype=np.int64)
-    for row, line in enumerate(lines):
-        where = f"{path}, line {row + 1}"
-        label, *pairs = line.split()
-        labels[row] = _parse_number(label, where, int)
-        if not 1 <= labels[row] <= 10:
-            raise ValueError(f"{where}: label {label} is outside 1..10 (digits 0..9)")
-        for pair in pairs:
-            index, _, value = pair.partition(":")
-            i, v = _parse_number(index, where, int), _parse_number(value, where, float)
-            if not 1 <= i <= features:
-                raise ValueError(f"{where}: feature index {i} is outside 1..{features}")
-            if not -1.000001 <= v <= 1.000001:
-                raise ValueError(f"{where}: pixel value {v} is outside [-1, 1]")
-            pixels[row, i - 1] = v
+    for row, (number, line) in enumerate(lines):
+        labels[row], indices, values = _parse_libsvm_line(line, f"{path}, line {number}")
+        pixels[row, indices - 1] = values
     return pixels, labels
 
 
-def _parse_number(token: str, where: str, kind):
+def _parse_libsvm_line(line: str, where: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """One ``label idx:value ...`` line, validated; ``where`` (file, line) prefixes errors."""
+    label_token, *pairs = line.split()
+    fix = "the file is corrupt; re-download it"
+    label = _parse_int(label_token, where, fix)
+    if not 1 <= label <= 10:
+        raise ValueError(f"{where}: label {label} is outside 1..10 (digits 0..9); {fix}")
+    split_pairs = [pair.split(":") for pair in pairs]
+    if any(len(p) != 2 for p in split_pairs):
+        bad = next(pair for pair, p in zip(pairs, split_pairs, strict=True) if len(p) != 2)
+        raise ValueError(f"{where}: {bad!r} is not an index:value pair; {fix}")
+    index_tokens = [p[0] for p in split_pairs]
+    value_tokens = [p[1] for p in split_pairs]
+    # numpy converts a whole list of strings at once; only a line it rejects is converted token
+    # by token, so that the error can name the bad token.
     try:
-        return kind(token)
+        indices = np.array(index_tokens, dtype=np.int64)
+        values = np.array(value_tokens, dtype=np.float64)
     except ValueError:
+        indices = np.array([_parse_int(t, where, fix) for t in index_tokens], dtype=np.int64)
+        values = np.array([_parse_float(t, where, fix) for t in value_tokens], dtype=np.float64)
+    bad = np.flatnonzero((indices < 1) | (indices > _USPS_PIXELS))
+    if len(bad):
         raise ValueError(
-            f"{where}: cannot parse {token!r} as {kind.__name__}; the file is corrupt"
-        ) from None
+            f"{where}: pixel index {indices[bad[0]]} is outside 1..{_USPS_PIXELS}; {fix}"
+        )
+    limit = 1.0 + _USPS_TOLERANCE
+    bad = np.flatnonzero(~((values >= -limit) & (values <= limit)))  # NaN fails both
+    if len(bad):
+        raise ValueError(f"{where}: pixel value {value_tokens[bad[0]]} is outside [-1, 1]; {fix}")
+    return label, indices, values
+
+
+def _parse_int(token: str, where: str, fix: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise ValueError(f"{where}: cannot parse {token!r} as an integer; {fix}") from None
+
+
+def _parse_float(token: str, where: str, fix: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise ValueError(f"{where}: cannot parse {token!r} as a number; {fix}") from None
 
 
 def _download_usps(root: Path, split: str) -> None:
+    """Fetch one split's file with torchvision's URL and md5, into ``root`` as torchvision does."""
     from torchvision.datasets import USPS as TorchvisionUSPS
     from torchvision.datasets.utils import download_url
 
     url, filename, md5 = TorchvisionUSPS.split_list[split]
     try:
         download_url(url, str(root), filename=filename, md5=md5)
-    except Exception as err:
+    except Exception as err:  # network, HTTP or checksum: all leave the same manual fix
         raise RuntimeError(
-            f"downloading USPS {filename} failed ({err}). Place it in {root} by hand and pass "
-            "download=False"
+            f"downloading USPS from {url} failed ({err}). Place {filename} in {root} by hand "
+            "and pass download=False"
         ) from err
 
 
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+# ---- SynDigits -----------------------------------------------------------------------------------
 
-
-# ---- offline domains -----------------------------------------------------------------------------
+_TEXT_FONTS = re.compile(
+    r"^(DejaVu(Sans|Serif)(Mono)?(-\w+)?|STIXGeneral\w*|cm(r|ss|tt|b|ti)10)\.ttf$"
+)
+"""matplotlib's text fonts. Its math fonts (cmex10, cmsy10, cmmi10) put symbols or oldstyle
+figures where the digits are, and DejaVu*Display/STIXNonUni/STIXSiz* have no digits at all."""
 
 
 class SynDigits(DigitDataset):
-    """Synthetic digits rendered from the TrueType fonts bundled with matplotlib.
+    """Synthetic digits rendered from the TrueType text fonts bundled with matplotlib.
 
-    Each image: a random font, size, rotation (±15°), stroke width and position, rendered
-    white on black, then fitted into a 20x20 box centred in 28x28 like MNIST. Deterministic
-    for a given ``(num_samples, seed)``. The labelled source domain of the offline demo.
+    Format: none on disk; each image is drawn white on black on a 64x64 canvas with a random
+    font, a digit height of 60-80% of the canvas, a rotation within ±15°, a stroke width of
+    0-2 px and, for half the images, a slight Gaussian blur; it is then cropped to its ink,
+    scaled (antialiased) to fit a 20x20 box and placed in 28x28 like MNIST, centred up to a
+    random ±2 px shift. Labels are balanced over the ten digits. The same
+    ``(num_samples, seed)`` gives bitwise-identical tensors. The labelled source domain of the
+    offline demo.
 
     Example:
         >>> ds = SynDigits(num_samples=20, seed=0)
-        >>> ds[0][0].shape, ds.num_classes
-        (torch.Size([1, 28, 28]), 10)
+        >>> ds[0][0].shape, ds.num_classes, sorted(set(ds.labels.tolist())) == list(range(10))
+        (torch.Size([1, 28, 28]), 10, True)
     """
 
     canvas = 64
 
     def __init__(self, num_samples: int = 10000, seed: int = 0):
         if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        rng = np.random.default_rng(seed)
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         fonts = _digit_fonts()
+        rng = np.random.default_rng(seed)
         labels = rng.permutation(np.arange(num_samples) % 10)
-        images = np.stack([self._render(int(d), fonts, rng) for d in labels])
+        images = np.stack([self._render(int(digit), fonts, rng) for digit in labels])
         super().__init__(
-            torch.from_numpy(images).unsqueeze(1),
-            torch.from_numpy(labels.astype(np.int64)),
-            f"num_samples={num_samples}, seed={seed}",
+            torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), "all"
         )
 
-    def _render(self, digit: int, fonts: list[str], rng: np.random.Generator) -> np.ndarray:
-        from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    def _render(
+        self, digit: int, fonts: tuple[tuple[str, float], ...], rng: np.random.Generator
+    ) -> np.ndarray:
+        # Each image makes the same draws whatever its branches (a blur's sigma is drawn even
+        # when it does not blur), so tuning one option does not reshuffle every later image.
+        font_index = int(rng.integers(len(fonts)))
+        height = rng.uniform(0.6, 0.8) * self.canvas
+        angle, stroke = float(rng.uniform(-15.0, 15.0)), int(rng.integers(0, 3))
+        blur, sigma = bool(rng.random() < 0.5), float(rng.uniform(0.4, 1.2))
+        shift = rng.integers(-2, 3, size=2)
 
-        font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(rng.integers(30, 48)))
+        path, height_per_size = fonts[font_index]
+        font = _font(path, round(height / height_per_size))
+        left, top, right, bottom = font.getbbox(str(digit), stroke_width=stroke)
+        origin = ((self.canvas - left - right) / 2, (self.canvas - top - bottom) / 2)
         image = Image.new("L", (self.canvas, self.canvas), 0)
-        stroke = int(rng.integers(0, 3))
         ImageDraw.Draw(image).text(
-            (self.canvas / 2, self.canvas / 2),
-            str(digit),
-            fill=255,
-            font=font,
-            anchor="mm",
-            stroke_width=stroke,
-            stroke_fill=255,
+            origin, str(digit), fill=255, font=font, stroke_width=stroke, stroke_fill=255
         )
-        image = image.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
-        if rng.random() < 0.5:
-            image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.5))))
-        return _centre_in_28(np.asarray(image, dtype=np.float32) / 255.0, rng)
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+        ink = image.getbbox()  # before the blur, whose faint halo would inflate the box
+        if blur:
+            image = image.filter(ImageFilter.GaussianBlur(sigma))
+        return _fit_in_28(image, ink, shift)
 
 
-def _centre_in_28(glyph: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Crop to the ink, scale the longer side to 20 px, paste centred (±1 px) in 28x28."""
-    from PIL import Image
-
-    rows, cols = np.nonzero(glyph > 0.05)
-    if len(rows) == 0:
-        raise ValueError("a font rendered an empty digit")
-    crop = glyph[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    scale = 20.0 / max(crop.shape)
-    h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
-    small = np.asarray(
-        Image.fromarray((crop * 255).astype(np.uint8)).resize((w, h), Image.LANCZOS),
-        dtype=np.float32,
-    )
+def _fit_in_28(image: Image.Image, ink: tuple[int, int, int, int], shift: np.ndarray) -> np.ndarray:
+    """Scale the ink box of ``image`` so its longer side is 20 px; paste it centred + shift."""
+    width, height = ink[2] - ink[0], ink[3] - ink[1]
+    scale = 20.0 / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    small = image.resize((w, h), Image.Resampling.LANCZOS, box=ink)
+    top = min(max((28 - h) // 2 + int(shift[0]), 0), 28 - h)
+    left = min(max((28 - w) // 2 + int(shift[1]), 0), 28 - w)
     out = np.zeros((28, 28), dtype=np.float32)
-    top = (28 - h) // 2 + int(rng.integers(-1, 2))
-    left = (28 - w) // 2 + int(rng.integers(-1, 2))
-    top, left = min(max(top, 0), 28 - h), min(max(left, 0), 28 - w)
-    out[top : top + h, left : left + w] = small / 255.0
-    return np.clip(out, 0.0, 1.0)
+    out[top : top + h, left : left + w] = np.asarray(small, dtype=np.float32) / 255.0
+    return out
 
 
-_TEXT_FONTS = re.compile(
-    r"^(DejaVu(Sans|Serif)(Mono)?(-\w+)?|STIXGeneral\w*|cm(r|ss|tt|b|ti)10)\.ttf$"
-)
-"""matplotlib's text fonts; its math-symbol fonts (cmex10, cmsy10, ...) map digits to symbols."""
+@functools.cache
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    """Loading a font parses the file; cached because 10k images reuse ~20 fonts x ~30 sizes."""
+    return ImageFont.truetype(path, size)
 
 
-def _digit_fonts() -> list[str]:
-    """Paths of matplotlib's bundled text fonts that render all ten digits visibly."""
+@functools.lru_cache(maxsize=1)
+def _digit_fonts() -> tuple[tuple[str, float], ...]:
+    """(path, digit height per point of size) of each bundled text font that draws all digits.
+
+    A font qualifies when its ten digits render non-empty, mutually different and different
+    from the font's "missing glyph" box. The height ratio lets SynDigits pick a size that
+    gives the digit height it wants, whatever the font's metrics.
+    """
     import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
 
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     usable = []
@@ -353,31 +422,42 @@ def _digit_fonts() -> list[str]:
         if not _TEXT_FONTS.match(path.name):
             continue
         try:
-            font = ImageFont.truetype(str(path), 32)
-        except OSError:
+            font = _font(str(path), 48)
+        except OSError:  # unreadable or not a TrueType file
             continue
-        inks = []
-        for digit in "0123456789":
-            image = Image.new("L", (48, 48), 0)
-            ImageDraw.Draw(image).text((24, 24), digit, fill=255, font=font, anchor="mm")
-            inks.append(np.asarray(image).astype(np.float32).sum())
-        if min(inks) > 0 and len(set(inks)) > 5:  # symbol fonts draw boxes or nothing
-            usable.append(str(path))
+        missing = _glyph_pixels(font, "\ue000")  # a private-use code point: no font has it
+        glyphs = [_glyph_pixels(font, digit) for digit in "0123456789"]
+        if all(g.any() for g in glyphs) and len({g.tobytes() for g in glyphs + [missing]}) == 11:
+            heights = [font.getbbox(digit)[3] - font.getbbox(digit)[1] for digit in "0123456789"]
+            usable.append((str(path), float(np.median(heights)) / 48))
     if not usable:
-        raise RuntimeError(f"no font in {folder} renders digits; reinstall matplotlib")
-    return usable
+        raise RuntimeError(
+            f"no font in {folder} draws the digits 0-9, so SynDigits cannot render; reinstall "
+            "matplotlib (its fonts/ttf folder ships DejaVu Sans)"
+        )
+    return tuple(usable)
+
+
+def _glyph_pixels(font: ImageFont.FreeTypeFont, text: str) -> np.ndarray:
+    image = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(image).text((16, 8), text, fill=255, font=font)
+    return np.asarray(image)
+
+
+# ---- UCIDigits -----------------------------------------------------------------------------------
 
 
 class UCIDigits(DigitDataset):
-    """The 1,797 handwritten 8x8 digits bundled with scikit-learn (UCI optical digits).
+    """The 1,797 handwritten 8x8 digits bundled with scikit-learn (UCI optical digits), offline.
 
-    Values 0..16 are scaled to [0, 1], the 8x8 images resized bilinearly to 20x20 and centred
-    in 28x28 (a 4-pixel border), like MNIST. The unlabelled target domain of the offline demo.
+    Format: ``sklearn.datasets.load_digits`` gives 8x8 images with values 0..16 and digit
+    labels. They are scaled /16, resized bilinearly to 20x20 and padded by 4 px to 28x28,
+    like MNIST's 20x20 box. The unlabelled target domain of the offline demo.
 
     Example:
         >>> ds = UCIDigits()
-        >>> len(ds), ds[0][0].shape
-        (1797, torch.Size([1, 28, 28]))
+        >>> len(ds), ds[0][0].shape, ds.name
+        (1797, torch.Size([1, 28, 28]), 'UCIDigits-all')
     """
 
     def __init__(self):
@@ -388,5 +468,3 @@ class UCIDigits(DigitDataset):
         images = F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False)
         images = F.pad(images, (4, 4, 4, 4)).clamp(0.0, 1.0)
         super().__init__(images, torch.from_numpy(digits.target.astype(np.int64)), "all")
-
-
