@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from dam_lightning.matching.gaussian import (
+    ChannelStats,
     ChannelStatsAccumulator,
+    LayerMatch,
     foldable_layers,
     gaussian_match,
     measure_statistics,
@@ -342,6 +344,15 @@ def test_summary_has_four_gaps_per_layer():
         for when in ("before", "after")
         for layer in ("0", "7")
     )
+
+
+def test_a_channel_constant_on_the_source_does_not_swamp_the_mean_gap():
+    # A unit that weight decay has zeroed in F_s is constant on the source: sigma_s = 0.
+    source = ChannelStats(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0]).double(), 100)
+    target = ChannelStats(torch.tensor([-2.0, 0.5]), torch.tensor([0.1, 1.0]).double(), 100)
+    match = LayerMatch("fc", source, target, target, torch.ones(2), torch.zeros(2))
+    # |mu_t - mu_s| / sqrt((sigma_t^2 + sigma_s^2) / 2), averaged: (2 / sqrt(0.005) + 0.5) / 2
+    assert match.mean_gap_before == pytest.approx((2 / 0.005**0.5 + 0.5) / 2, rel=1e-6)
 
 
 def test_layers_that_cannot_be_folded_are_clear_errors():

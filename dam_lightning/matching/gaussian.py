@@ -188,12 +188,13 @@ class LayerMatch:
 
     @property
     def mean_gap_before(self) -> float:
-        """Mean over channels of |mu_t - mu_s| / (sigma_s + 1e-8), before the correction."""
+        """Mean over channels of |mu_t - mu_s| / pooled std, before the correction (pooled std =
+        sqrt((sigma_t^2 + sigma_s^2) / 2))."""
         return _mean_gap(self.target_before, self.source)
 
     @property
     def mean_gap_after(self) -> float:
-        """Mean over channels of |mu_t - mu_s| / (sigma_s + 1e-8), after the correction."""
+        """Mean over channels of |mu_t - mu_s| / pooled std, after the correction."""
         return _mean_gap(self.target_after, self.source)
 
     @property
@@ -208,7 +209,10 @@ class LayerMatch:
 
 
 def _mean_gap(target: ChannelStats, source: ChannelStats) -> float:
-    return ((target.mean - source.mean).abs() / (source.std + 1e-8)).mean().item()
+    # In units of the pooled std, not the source std alone: a channel that is constant on the
+    # source (a unit that weight decay has zeroed) would otherwise swamp the average.
+    pooled = (0.5 * (target.std.square() + source.std.square())).sqrt()
+    return ((target.mean - source.mean).abs() / (pooled + 1e-8)).mean().item()
 
 
 def _std_gap(target: ChannelStats, source: ChannelStats) -> float:
