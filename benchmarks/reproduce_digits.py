@@ -378,7 +378,12 @@ def main(argv=None) -> None:
     torch.set_float32_matmul_precision("high")
     protocol = detect_protocol(args.root)
     print(f"Protocol: {protocol} ({args.root})", flush=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("report", "cache", "report_only")}
+    # What decides a run's result; seeds, directions and --label-shift only choose which runs
+    # to do, so a later call with more of them reuses the runs already cached.
+    config = {
+        "source_iterations": args.source_iterations,
+        "adapt_iterations": args.adapt_iterations,
+    }
     cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
     workdir = Path(args.cache).parent / "weights"
     workdir.mkdir(parents=True, exist_ok=True)
