@@ -266,12 +266,14 @@ def gaussian_match(
             beta (exact). ``"adabn"`` (AdaBN) leaves gamma/beta alone and sets its running
             mean/var to the mean/population variance of its input on the target data; the
             report's alpha/beta then hold the equivalent affine change of its output.
-        mode: ``"one_pass"`` concatenates the target batches and runs F_t once: each matched
-            layer's hook measures its output over the whole calibration set, folds the
-            correction, and passes the corrected output on, so later layers are measured on
-            corrected inputs. It holds the whole calibration set's activations at once.
-            ``"layerwise"`` streams the batches once per layer, each forward stopped right
-            after that layer: less memory, more compute, the same weights.
+        mode: ``"one_pass"`` runs each target batch through F_t once, all batches in
+            lockstep: each matched layer's hook waits until every batch has reached it,
+            measures its output over all of them, folds the correction and hands each batch
+            its corrected output, so later layers are measured on corrected inputs. About one
+            forward pass over the calibration batches; it holds every batch's activation at
+            the current layer, and needs the network to run the same matched layers for every
+            batch. ``"layerwise"`` streams the batches once per layer, each forward stopped
+            right after that layer: less memory, more compute, the same weights.
         source_stats: cached ``measure_statistics(source_net, source_batches, layers)``; when
             given, F_s is not run and ``source_batches`` is not read.
         reduce: sums the statistics across processes (DDP), so every rank folds the same values.
@@ -280,10 +282,9 @@ def gaussian_match(
 
     Returns:
         The per-layer report. ``target_after`` holds the statistics of the corrected output on
-        the same data: accumulated from it in one_pass, and in layerwise the exact statistics of
-        alpha * A_t + beta derived from ``target_before`` (no second pass). For an AdaBN
-        layer in one_pass, ``target_before`` is derived from its input statistics and its old
-        running statistics, since the forward itself already normalises with the new ones.
+        the same data: the exact statistics of alpha * A_t + beta, derived from ``target_before``
+        (no second pass). For an AdaBN layer both are derived from its input statistics, with
+        the old and the new running statistics.
 
     Both networks run in eval mode under ``torch.no_grad()``; every submodule's training flag is
     restored afterwards. If matching fails part-way (e.g. a layer runs twice: shared weights),
