@@ -6,9 +6,9 @@ For MNIST->USPS and USPS->MNIST it trains LeNet on the source (SourceModule), th
 row of Table 1 as a GAMAdaptModule configuration (source only, Gaussian matching only, ADDA,
 ADDA + weight drift, GAM without weight drift, GAM full), two variants the paper does not report
 (GAM full without Gaussian matching, and with Gaussian matching only once, before adaptation,
-instead of at every epoch) and a supervised-on-target row, for several seeds, and writes mean ± std to docs/results/digits.md
-with a plot. With --label-shift it adds Table 2 (half of the odd/even digits removed from one
-domain).
+instead of at every epoch) and a supervised-on-target row, for several seeds, and writes
+mean ± std to docs/results/digits.md with a plot. With --label-shift it adds Table 2 (half of
+the odd/even digits removed from one domain).
 
 Protocol: with the full MNIST and USPS training splits under --root it runs the paper's protocol
 (train splits); with only the test splits (as in ../shared/data/digits) it runs the reduced
