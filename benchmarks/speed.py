@@ -202,27 +202,60 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="per round and loop")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--demo", action="store_true", help="also time the README demo")
+    parser.add_argument(
+        "--report", help="also write the figures, with the command and machine, to this file"
+    )
     args = parser.parse_args()
-    print(
+    lines = [
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}; Python {platform.python_version()}, torch "
         f"{torch.__version__}, lightning {L.__version__}"
-    )
+    ]
+    print(lines[-1], flush=True)
     overhead = framework_overhead(args.iterations, args.rounds)
-    print(
+    lines.append(
         f"(a) GAM iteration: Lightning {overhead['lightning_ms']:.1f} ms, plain PyTorch "
         f"{overhead['plain_ms']:.1f} ms -> overhead {overhead['ratio']:.3f}x "
         f"(median of {args.rounds} x {args.iterations} iterations, batch 128 + 128, CPU)"
     )
+    print(lines[-1], flush=True)
     cost = gaussian_matching_cost(repeats=15)
-    print(
+    lines.append(
         f"(b) Gaussian matching, LeNet, {cost['layers']} layers, 10 calibration batches of 128: "
         f"one_pass {cost['one_pass']:.2f} forward passes, layerwise {cost['layerwise']:.2f} "
         f"(one forward pass = {cost['forward_ms']:.1f} ms; median of {cost['repeats']} paired "
         "repeats)"
     )
+    print(lines[-1], flush=True)
     if args.demo:
-        print(f"(c) demo wall time: {demo_wall_time():.0f} s")
+        lines.append(f"(c) demo wall time: {demo_wall_time():.0f} s")
+        print(lines[-1], flush=True)
+    if args.report:
+        write_report(Path(args.report), lines)
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    """The figures as markdown, headed by the command that produced them, written atomically."""
+    command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+    text = "\n".join(
+        [
+            "# Speed",
+            "",
+            "Produced by:",
+            "",
+            f"    {command}",
+            "",
+            f"on {time.strftime('%Y-%m-%d')}. Targets (issue 3): framework overhead <= 1.10x the "
+            "plain-PyTorch loop; Gaussian matching <= 1.5 forward passes.",
+            "",
+            *[f"- {line}" for line in lines],
+            "",
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
