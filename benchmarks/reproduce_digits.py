@@ -39,6 +39,9 @@ from dam_lightning.data import MNIST, USPS, DomainAdaptationDataModule, LabelShi
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
+from machine import cpu_model  # noqa: E402
+
 BOTH_LAYERS = {"fc3": 0.1, "fc4": 1.0}
 ADAPTATION_ROWS = {
     "Gaussian matching only": dict(layers={}, drift_weight=0.0, gaussian=True),
@@ -250,6 +253,8 @@ def label_shift_seeds(args) -> list[int]:
 
 
 def mean_std(values: list[float], expected_runs: int) -> str:
+    if not values:
+        return "-"
     partial = "" if len(values) == expected_runs else f" (n={len(values)})"
     if len(values) == 1:
         return f"{values[0]:.1f}{partial}"
@@ -269,7 +274,7 @@ def tables_from_cache(cache: ResultCache) -> tuple[dict, dict]:
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}; "
+        f"{cpu_model()}, {os.cpu_count()} cores, {device}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}"
     )
 

@@ -35,6 +35,9 @@ from dam_lightning.matching.gaussian import measure_statistics
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
+from machine import cpu_model  # noqa: E402
+
 LAYERS = {"fc3": 0.1, "fc4": 1.0}
 
 
@@ -184,17 +187,6 @@ def demo_wall_time() -> float:
         cwd=repo, env=env, check=True, capture_output=True,
     )  # fmt: skip
     return time.perf_counter() - start
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:
