@@ -166,7 +166,8 @@ def adapt(row: dict, source, target, seed: int, iterations: int, weights: Path) 
 
 
 class ResultCache:
-    """Accuracies keyed by 'setting/row/seed', written atomically after every run."""
+    """Accuracies keyed by 'setting/row/seed', with each run's own wall time in seconds,
+    written atomically after every run."""
 
     def __init__(self, path: Path, meta: dict):
         self.path = path
@@ -180,10 +181,16 @@ class ResultCache:
         if key not in self.data["runs"]:
             start = time.perf_counter()
             value = run(*args)
+            seconds = time.perf_counter() - start
             self.data["runs"][key] = value
+            self.data.setdefault("seconds", {})[key] = seconds
             self.save()
-            print(f"{key}: {value:.2f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"{key}: {value:.2f}  ({seconds:.0f} s)", flush=True)
         return self.data["runs"][key]
+
+    def compute_minutes(self) -> float:
+        """The summed wall time of every cached run, in minutes."""
+        return sum(self.data.get("seconds", {}).values()) / 60
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +286,7 @@ def machine() -> str:
     )
 
 
-def write_report(args, protocol, table1, table2, command: str, seconds: float) -> None:
+def write_report(args, protocol, table1, table2, command: str, compute_minutes: float) -> None:
     lines = [
         "# Digits: reproduction of the paper's Tables 1 and 2",
         "",
@@ -288,7 +295,8 @@ def write_report(args, protocol, table1, table2, command: str, seconds: float) -
         f"    {command}",
         "",
         f"Machine: {machine()}. "
-        + (f"Wall time: {seconds / 60:.0f} min." if seconds else "Assembled from cached runs."),
+        + f"Compute: {compute_minutes:.0f} min, the summed wall time of the runs in the cache "
+        "(an interrupted call resumes from it).",
         "",
         f"Protocol: **{protocol}** "
         + (
@@ -417,7 +425,6 @@ def main(argv=None) -> None:
     cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
     workdir = Path(args.cache).parent / "weights"
     workdir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     if args.report_only:
         table1, table2 = tables_from_cache(cache)
     else:
@@ -426,8 +433,7 @@ def main(argv=None) -> None:
     given = _result_arguments(sys.argv[1:] if argv is None else argv)
     quoted = [f"'{a}'" if ">" in a else a for a in given]  # directions contain '->'
     command = "python benchmarks/reproduce_digits.py " + " ".join(quoted)
-    seconds = None if args.report_only else time.perf_counter() - start
-    write_report(args, protocol, table1, table2, command.strip(), seconds)
+    write_report(args, protocol, table1, table2, command.strip(), cache.compute_minutes())
     print(Path(args.report).read_text())
 
 
