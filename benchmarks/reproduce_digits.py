@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import cpu_model  # noqa: E402
+from machine import describe  # noqa: E402
 
 BOTH_LAYERS = {"fc3": 0.1, "fc4": 1.0}
 ADAPTATION_ROWS = {
@@ -278,14 +277,6 @@ def tables_from_cache(cache: ResultCache) -> tuple[dict, dict]:
     return table1, table2
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores, {device}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}"
-    )
-
-
 def write_report(args, protocol, table1, table2, command: str, compute_minutes: float) -> None:
     lines = [
         "# Digits: reproduction of the paper's Tables 1 and 2",
@@ -294,7 +285,7 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
         "",
         f"    {command}",
         "",
-        f"Machine: {machine()}. "
+        f"Machine: {describe()}. "
         + f"Compute: {compute_minutes:.0f} min, the summed wall time of the runs in the cache "
         "(an interrupted call resumes from it).",
         "",

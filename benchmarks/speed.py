@@ -19,7 +19,6 @@ import argparse
 import copy
 import itertools
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import cpu_model  # noqa: E402
+from machine import describe  # noqa: E402
 
 LAYERS = {"fc3": 0.1, "fc4": 1.0}
 
@@ -198,11 +197,7 @@ def main() -> None:
         "--report", help="also write the figures, with the command and machine, to this file"
     )
     args = parser.parse_args()
-    lines = [
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}; Python {platform.python_version()}, torch "
-        f"{torch.__version__}, lightning {L.__version__}"
-    ]
+    lines = [f"Machine: {describe()}"]
     print(lines[-1], flush=True)
     overhead = framework_overhead(args.iterations, args.rounds)
     lines.append(

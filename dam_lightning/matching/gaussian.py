@@ -475,10 +475,9 @@ class _Lockstep:
         self.gathered: list[Tensor] = []
         self.gathered_at: str | None = None
         self.result = None
-        self.threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads()  # the caller's, for the pooled threads
 
     def run(self, net: nn.Module, batches: list[Tensor]) -> None:
-        self.threads = torch.get_num_threads()
         futures = [
             _executor(len(batches)).submit(self._forward, net, x, slot)
             for slot, x in enumerate(batches)
