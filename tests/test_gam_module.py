@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -134,3 +135,57 @@ def test_source_weights_of_another_architecture_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="five_classes.pt does not fit LeNet"):
         load_network_weights(LeNet(10), str(path))
+
+
+class AnchorSpy(L.Callback):
+    """At the first batch of every epoch (after GaussianMatching ran), records whether the drift
+    reference equals F_t (just matched) and whether it still equals F_s."""
+
+    def __init__(self):
+        self.at_epoch_start = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            anchor = pl_module.drift_reference.state_dict()
+            self.at_epoch_start.append(
+                (
+                    _same(anchor, pl_module.target_net.state_dict()),
+                    _same(anchor, pl_module.source_net.state_dict()),
+                )
+            )
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_matched_drift_anchor_moves_to_the_weights_of_each_gaussian_matching(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(
+        LeNet, num_classes=10, layers={"fc4": 1.0}, drift_anchor="matched", source_steps=5
+    )
+    spy = AnchorSpy()
+    matching = GaussianMatching(calibration_batches=2, every_n_epochs=1)
+    _trainer(max_epochs=2, limit_train_batches=2, callbacks=[matching, spy]).fit(module, dm)
+    # Each epoch starts with F_t freshly matched and the anchor equal to it, not to F_s.
+    assert spy.at_epoch_start == [(True, False), (True, False)]
+    assert not _same(module.drift_reference.state_dict(), module.target_net.state_dict())
+    assert any(k.startswith("drift_anchor_net.") for k in module.state_dict())  # checkpointed
+    assert all(not p.requires_grad for p in module.drift_reference.parameters())
+
+
+def test_source_drift_anchor_is_the_source_network(tiny_digits):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=5)
+    spy = AnchorSpy()
+    matching = GaussianMatching(calibration_batches=2, every_n_epochs=1)
+    _trainer(max_epochs=1, limit_train_batches=2, callbacks=[matching, spy]).fit(module, dm)
+    assert module.drift_reference is module.source_net
+    assert spy.at_epoch_start == [(False, True)]  # F_t was matched away from the anchor F_s
+
+
+def test_unknown_drift_anchor_is_a_clear_error():
+    with pytest.raises(ValueError, match="drift_anchor must be 'source' or 'matched'.*'sorce'"):
+        GAMAdaptModule(LeNet, num_classes=10, drift_anchor="sorce")

@@ -103,6 +103,9 @@ class GaussianMatching(L.Callback):
             mode=self.mode,
             source_stats=self._source_stats,
         )
+        notify = getattr(pl_module, "on_gaussian_matched", None)
+        if callable(notify):
+            notify()  # e.g. GAMAdaptModule moves its drift anchor to the matched weights
         metrics = {f"gaussian/{k}": v for k, v in report.summary().items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -8,7 +8,9 @@ matching (stage 2) runs from the ``GaussianMatching`` callback.
 
 from __future__ import annotations
 
+import copy
 import os
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,10 @@ class GAMAdaptModule(EvaluatingModule):
         gan_loss: ``"vanilla"`` (digits) or ``"lsgan"`` (segmentation).
         drift_weight: weight of the weight-drift term; 0 disables it.
         drift_reduction: ``"mean_per_tensor"`` (official code) or ``"sum"`` (paper, Eq. 3).
+        drift_anchor: what the drift pulls F_t towards. ``"source"``: theta_s, F_s's weights
+            (the paper's Eq. 3). ``"matched"``: F_t's weights right after the latest Gaussian
+            matching (theta_s until the first one), so the drift term does not pull F_t back
+            out of the statistics Gaussian matching has just corrected.
         source_weights: a ``SourceModule`` checkpoint (``.ckpt``) or a state dict of ``net``.
         source_steps: when ``source_weights`` is not given, train F_s for this many source
             batches before adapting (so one command runs the whole pipeline).
@@ -76,6 +82,7 @@ class GAMAdaptModule(EvaluatingModule):
         gan_loss: GANKind = "vanilla",
         drift_weight: float = 1.0,
         drift_reduction: DriftReduction = "mean_per_tensor",
+        drift_anchor: Literal["source", "matched"] = "source",
         source_weights: str | None = None,
         source_steps: int = 0,
         source_optimizer: OptimizerCallable | None = None,
@@ -102,6 +109,13 @@ class GAMAdaptModule(EvaluatingModule):
         self.target_net = net(num_classes)
         self.source_net.requires_grad_(False).eval()
         self.target_net.load_state_dict(self.source_net.state_dict())
+        if drift_anchor not in ("source", "matched"):
+            raise ValueError(f"drift_anchor must be 'source' or 'matched', got {drift_anchor!r}")
+        # The weights the drift term pulls F_t towards: F_s itself, or a frozen copy of F_t
+        # taken after each Gaussian matching (saved in checkpoints, so a resume keeps it).
+        self.drift_anchor_net = (
+            copy.deepcopy(self.source_net) if drift_anchor == "matched" else None
+        )
         self.gan = GANLoss(gan_loss)
         self.discriminators = nn.ModuleDict(
             {
@@ -145,6 +159,8 @@ class GAMAdaptModule(EvaluatingModule):
         """Switch train/eval mode; F_s stays in eval mode whatever the trainer asks."""
         super().train(mode)
         self.source_net.eval()
+        if self.drift_anchor_net is not None:
+            self.drift_anchor_net.eval()
         return self
 
     # ---- stage 1: make F_s available, then F_t = F_s --------------------------------------------
@@ -164,7 +180,19 @@ class GAMAdaptModule(EvaluatingModule):
             )
         _broadcast_from_rank_zero(self.source_net)
         self.target_net.load_state_dict(self.source_net.state_dict())
+        self.on_gaussian_matched()
         self.source_ready.fill_(True)
+
+    def on_gaussian_matched(self) -> None:
+        """Called by ``GaussianMatching`` after it has corrected F_t: with
+        ``drift_anchor="matched"`` the drift term's reference becomes F_t's new weights."""
+        if self.drift_anchor_net is not None:
+            self.drift_anchor_net.load_state_dict(self.target_net.state_dict())
+
+    @property
+    def drift_reference(self) -> nn.Module:
+        """The network whose weights the drift term measures F_t's distance from."""
+        return self.source_net if self.drift_anchor_net is None else self.drift_anchor_net
 
     def _check_something_trains(self) -> None:
         matching = any(isinstance(cb, GaussianMatching) for cb in self.trainer.callbacks)
@@ -230,7 +258,7 @@ class GAMAdaptModule(EvaluatingModule):
             loss = self.gan.generator_loss(self.discriminators[_key(name)](target_acts[name]))
             adversarial = adversarial + weight * loss
             self.log(f"train/loss_g/{name}", loss)
-        drift = weight_drift(self.target_net, self.source_net, self.hparams.drift_reduction)
+        drift = weight_drift(self.target_net, self.drift_reference, self.hparams.drift_reduction)
         total = self.hparams.adversarial_weight * adversarial + self.hparams.drift_weight * drift
         self.log("train/drift", drift)
         self.log("train/loss_g", total)
