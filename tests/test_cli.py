@@ -135,3 +135,24 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "after GAM" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["mnist_usps.yaml", "usps_mnist.yaml"])
+def test_gaussian_matching_snippet_in_the_digits_configs_works_when_pasted(name, tmp_path, capsys):
+    """The digits configs leave Gaussian matching out and show, in a comment, how to add it:
+    pasting that comment into trainer.callbacks must give a config that parses."""
+    text = (REPO / "configs" / name).read_text()
+    snippet = [
+        line[len("#   ") :]
+        for line in text.splitlines()
+        if line.startswith("#   - class_path") or line.startswith("#     init_args")
+    ]
+    assert snippet and "GaussianMatching" in snippet[0]
+    pasted = text.replace("  callbacks:\n", "  callbacks:\n" + "".join(f"    {s}\n" for s in snippet))
+    config = tmp_path / name
+    config.write_text(pasted)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert callbacks[0]["class_path"] == "dam_lightning.callbacks.GaussianMatching"
+    assert callbacks[0]["init_args"]["every_n_epochs"] == 0
