@@ -148,7 +148,8 @@ def test_gaussian_matching_snippet_in_the_digits_configs_works_when_pasted(name,
         if line.startswith("#   - class_path") or line.startswith("#     init_args")
     ]
     assert snippet and "GaussianMatching" in snippet[0]
-    pasted = text.replace("  callbacks:\n", "  callbacks:\n" + "".join(f"    {s}\n" for s in snippet))
+    pasted_lines = "".join(f"    {s}\n" for s in snippet)
+    pasted = text.replace("  callbacks:\n", "  callbacks:\n" + pasted_lines)
     config = tmp_path / name
     config.write_text(pasted)
     with pytest.raises(SystemExit):
