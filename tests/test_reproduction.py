@@ -13,13 +13,16 @@ from dam_lightning.data import LabelShift
 from .conftest import REPO, SHARED_DIGITS
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_digits", REPO / "benchmarks" / "reproduce_digits.py"
-    )
+def _load_benchmark(name: str):
+    """Import benchmarks/<name>.py (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _benchmark():
+    return _load_benchmark("reproduce_digits")
 
 
 @pytest.mark.slow
@@ -49,17 +52,8 @@ def test_label_shift_removes_half_of_the_odd_digits_deterministically():
         LabelShift(base, drop="prime")
 
 
-def _ablation():
-    spec = importlib.util.spec_from_file_location(
-        "gaussian_ablation", REPO / "benchmarks" / "gaussian_ablation.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gaussian_ablation_runs_every_variant_once_and_the_decision_rows_on_extra_seeds(tmp_path):
-    ablation = _ablation()
+    ablation = _load_benchmark("gaussian_ablation")
     args = ablation.parse_args(
         ["--extra-seeds", "11", "--directions", "USPS->MNIST", "--report", str(tmp_path / "a.md")]
     )
