@@ -44,9 +44,8 @@ from machine import describe  # noqa: E402
 BOTH_LAYERS = {"fc3": 0.1, "fc4": 1.0}
 # The GAM rows follow the authors' released digits code (tools/train_adda.py of their ADDA
 # fork): discriminators on fc3 (weight 0.1) and fc4, mean-per-tensor weight drift, and no
-# Gaussian matching step. Gaussian matching is the paper's stage 2 (and this library's default
-# for segmentation); the last two rows add it to GAM (full), once before adaptation or again at
-# every epoch, to show what it does to digits.
+# Gaussian matching step. Gaussian matching is the paper's stage 2; the last two rows add it to
+# GAM (full), once before adaptation or again at every epoch, to show what it does to digits.
 ADAPTATION_ROWS = {
     "Gaussian matching only": dict(layers={}, drift_weight=0.0, gaussian=True),
     "ADDA": dict(layers={"fc4": 1.0}, drift_weight=0.0, gaussian=False),

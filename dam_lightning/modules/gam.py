@@ -180,12 +180,15 @@ class GAMAdaptModule(EvaluatingModule):
             )
         _broadcast_from_rank_zero(self.source_net)
         self.target_net.load_state_dict(self.source_net.state_dict())
-        self.on_gaussian_matched()
+        self._anchor_drift_at_target_net()
         self.source_ready.fill_(True)
 
     def on_gaussian_matched(self) -> None:
         """Called by ``GaussianMatching`` after it has corrected F_t: with
         ``drift_anchor="matched"`` the drift term's reference becomes F_t's new weights."""
+        self._anchor_drift_at_target_net()
+
+    def _anchor_drift_at_target_net(self) -> None:
         if self.drift_anchor_net is not None:
             self.drift_anchor_net.load_state_dict(self.target_net.state_dict())
 
