@@ -250,7 +250,7 @@ def parse_args(argv=None):
     parser.add_argument("--directions", nargs="+", default=["MNIST->USPS", "USPS->MNIST"])
     parser.add_argument("--source-iterations", type=int, default=2000)
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--long-iterations", type=int, default=6000,
+    parser.add_argument("--long-iterations", type=int, default=10000,
                         help="iterations of the long run (0: none)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", default="docs/results/gaussian_ablation.md")

@@ -62,7 +62,7 @@ def test_gaussian_ablation_runs_every_variant_once_and_the_decision_rows_on_extr
     seed11 = [j["variant"] for j in jobs if j["seed"] == 11]
     assert seed10 == list(ablation.VARIANTS)
     assert seed11 == ablation.DECISION_VARIANTS
-    assert [j["iterations"] for j in jobs if j["iterations"] != 2000] == [6000]  # one long run
+    assert [j["iterations"] for j in jobs if j["iterations"] != 2000] == [10000]  # one long run
 
     # The report averages the seeds a row has and says so when a row has fewer than expected.
     cache = {
