@@ -32,22 +32,37 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import lightning as L
+import torch
+from torch.utils.data import Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
+import reproduce_digits as R  # noqa: E402
+from machine import describe  # noqa: E402
+
 VALIDATION_PERMUTATION_SEED = 1234
-ALL_LAYERS = None  # GaussianMatching's default: every Conv/Linear of LeNet
 CONV_LAYERS = ["conv1.0", "conv2.0"]
-VARIANTS = {  # name: (GaussianMatching arguments or None, drift_anchor, adversarial_weight)
-    "GAM (full), official code: no Gaussian matching": (None, "source", 1.0),
-    "same, adversarial weight 0.5 (the official loss's scale)": (None, "source", 0.5),
-    "+ Gaussian matching once": (dict(every_n_epochs=0, layers=ALL_LAYERS), "source", 1.0),
-    "+ Gaussian matching once, drift anchored at the matched weights": (
-        dict(every_n_epochs=0, layers=ALL_LAYERS), "matched", 1.0),
-    "+ Gaussian matching every epoch": (dict(every_n_epochs=1, layers=ALL_LAYERS), "source", 1.0),
-    "+ Gaussian matching every epoch, drift anchored at the matched weights": (
-        dict(every_n_epochs=1, layers=ALL_LAYERS), "matched", 1.0),
-    "+ Gaussian matching of conv1, conv2 once, drift anchored at the matched weights": (
-        dict(every_n_epochs=0, layers=CONV_LAYERS), "matched", 1.0),
-    "+ Gaussian matching of conv1, conv2 every epoch": (
-        dict(every_n_epochs=1, layers=CONV_LAYERS), "source", 1.0),
+
+
+def gam_full(gaussian: dict | None = None, **module_args) -> dict:
+    """The GAM (full) row of reproduce_digits, with Gaussian matching (GaussianMatching
+    arguments) and other GAMAdaptModule arguments changed."""
+    return {**R.ADAPTATION_ROWS["GAM (full)"], "gaussian": gaussian, **module_args}
+
+
+VARIANTS = {
+    "GAM (full), official code: no Gaussian matching": gam_full(),
+    "same, adversarial weight 0.5 (the official loss's scale)": gam_full(adversarial_weight=0.5),
+    "+ Gaussian matching once": gam_full(dict(every_n_epochs=0)),
+    "+ Gaussian matching once, drift anchored at the matched weights": gam_full(
+        dict(every_n_epochs=0), drift_anchor="matched"),
+    "+ Gaussian matching every epoch": gam_full(dict(every_n_epochs=1)),
+    "+ Gaussian matching every epoch, drift anchored at the matched weights": gam_full(
+        dict(every_n_epochs=1), drift_anchor="matched"),
+    "+ Gaussian matching of conv1, conv2 once, drift anchored at the matched weights": gam_full(
+        dict(every_n_epochs=0, layers=CONV_LAYERS), drift_anchor="matched"),
+    "+ Gaussian matching of conv1, conv2 every epoch": gam_full(
+        dict(every_n_epochs=1, layers=CONV_LAYERS)),
 }  # fmt: skip
 LONG_RUN = "GAM (full), official code: no Gaussian matching"
 # The decision itself (leave Gaussian matching out, add it once, or at every epoch), repeated on
@@ -59,57 +74,35 @@ DECISION_VARIANTS = [
 ]
 
 
+class ValidationCurve(L.Callback):
+    """Accuracy on ``validation`` every 1,000 iterations (2,000 optimiser steps: D and F_t)."""
+
+    def __init__(self, validation):
+        self.validation = validation
+        self.curve: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step % 2000 == 0:
+            with torch.no_grad():
+                accuracy = R.evaluate(pl_module, pl_module.target_net, self.validation)
+            self.curve.append((trainer.global_step // 2, accuracy))
+
+
 def run_one(job: dict) -> dict:
-    """One adaptation run (in a worker process): accuracy on both halves of the target, and on
-    the validation half every 1,000 iterations."""
-    import torch
-
+    """One adaptation run (in a worker process, on one thread): accuracy on both halves of the
+    target, and on the validation half every 1,000 iterations."""
     torch.set_num_threads(1)
-    import lightning as L
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import reproduce_digits as R
-
-    from dam_lightning.callbacks import GaussianMatching
-    from dam_lightning.data import DomainAdaptationDataModule
-    from dam_lightning.models import LeNet
-    from dam_lightning.modules import GAMAdaptModule
-
-    direction, seed, iterations = job["direction"], job["seed"], job["iterations"]
-    matching, anchor, adversarial_weight = VARIANTS[job["variant"]]
+    direction, seed = job["direction"], job["seed"]
     source, target = R.load_domains(direction, job["root"], job["protocol"])
     weights = Path(job["workdir"]) / f"{direction.replace('->', '_')}_seed{seed}.pt"
     if not weights.exists():
         R.train_supervised(source, target, seed, job["source_iterations"], weights)
     validation, held_out = validation_halves(target)
-
-    class EveryThousand(L.Callback):
-        def __init__(self):
-            self.curve = []
-
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if trainer.global_step % 2000 == 0:  # 2 optimiser steps per iteration
-                with torch.no_grad():
-                    acc = R.evaluate(pl_module, pl_module.target_net, validation)
-                self.curve.append((trainer.global_step // 2, acc))
-
-    L.seed_everything(seed, verbose=False)
+    curve = ValidationCurve(validation)
     start = time.perf_counter()
-    module = GAMAdaptModule(
-        LeNet,
-        num_classes=10,
-        layers=R.BOTH_LAYERS,
-        drift_weight=1.0,
-        drift_anchor=anchor,
-        adversarial_weight=adversarial_weight,
-        source_weights=str(weights),
+    module = R.adapt_module(
+        VARIANTS[job["variant"]], source, target, seed, job["iterations"], weights, [curve]
     )
-    data = DomainAdaptationDataModule(source, target, batch_size=128, seed=seed)
-    curve = EveryThousand()
-    callbacks = [curve]
-    if matching is not None:
-        callbacks.append(GaussianMatching(calibration_batches=10, **matching))
-    R._trainer(2 * iterations, callbacks).fit(module, data)
     return {
         "validation": R.evaluate(module, module.target_net, validation),
         "held_out": R.evaluate(module, module.target_net, held_out),
@@ -118,11 +111,8 @@ def run_one(job: dict) -> dict:
     }
 
 
-def validation_halves(target):
+def validation_halves(target) -> tuple[Subset, Subset]:
     """The fixed validation half of the target images used to choose, and the other half."""
-    import torch
-    from torch.utils.data import Subset
-
     order = torch.randperm(
         len(target), generator=torch.Generator().manual_seed(VALIDATION_PERMUTATION_SEED)
     ).tolist()
@@ -166,9 +156,6 @@ def plan(args, protocol: str) -> list[dict]:
 
 
 def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: str) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import describe
-
     minutes = sum(cache[run_key(j)]["seconds"] for j in jobs if run_key(j) in cache) / 60
     lines = [
         "# Gaussian matching in GAM on digits: the experiment behind the digits configs",
@@ -269,10 +256,7 @@ def run_all(pool, jobs: list[dict], cache: dict, cache_path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from reproduce_digits import detect_protocol
-
-    protocol = detect_protocol(args.root)
+    protocol = R.detect_protocol(args.root)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     cache_path = Path(args.cache)
     cache = load_cache(cache_path)

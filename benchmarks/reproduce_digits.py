@@ -46,17 +46,19 @@ BOTH_LAYERS = {"fc3": 0.1, "fc4": 1.0}
 # fork): discriminators on fc3 (weight 0.1) and fc4, mean-per-tensor weight drift, and no
 # Gaussian matching step. Gaussian matching is the paper's stage 2; the last two rows add it to
 # GAM (full), once before adaptation or again at every epoch, to show what it does to digits.
+# A row: GAMAdaptModule arguments (layers, drift_weight, optionally others such as drift_anchor)
+# and "gaussian": the GaussianMatching arguments, or None for no Gaussian matching.
 ADAPTATION_ROWS = {
-    "Gaussian matching only": dict(layers={}, drift_weight=0.0, gaussian=True),
-    "ADDA": dict(layers={"fc4": 1.0}, drift_weight=0.0, gaussian=False),
-    "ADDA + weight drift": dict(layers={"fc4": 1.0}, drift_weight=1.0, gaussian=False),
-    "GAM without weight drift": dict(layers=BOTH_LAYERS, drift_weight=0.0, gaussian=False),
-    "GAM (full)": dict(layers=BOTH_LAYERS, drift_weight=1.0, gaussian=False),
+    "Gaussian matching only": dict(layers={}, drift_weight=0.0, gaussian=dict(every_n_epochs=1)),
+    "ADDA": dict(layers={"fc4": 1.0}, drift_weight=0.0, gaussian=None),
+    "ADDA + weight drift": dict(layers={"fc4": 1.0}, drift_weight=1.0, gaussian=None),
+    "GAM without weight drift": dict(layers=BOTH_LAYERS, drift_weight=0.0, gaussian=None),
+    "GAM (full)": dict(layers=BOTH_LAYERS, drift_weight=1.0, gaussian=None),
     "GAM (full) + Gaussian matching once": dict(
-        layers=BOTH_LAYERS, drift_weight=1.0, gaussian=True, every_n_epochs=0
+        layers=BOTH_LAYERS, drift_weight=1.0, gaussian=dict(every_n_epochs=0)
     ),
     "GAM (full) + Gaussian matching every epoch": dict(
-        layers=BOTH_LAYERS, drift_weight=1.0, gaussian=True, every_n_epochs=1
+        layers=BOTH_LAYERS, drift_weight=1.0, gaussian=dict(every_n_epochs=1)
     ),
 }
 TABLE1_ROWS = ["source only", *ADAPTATION_ROWS, "supervised on target"]
@@ -143,17 +145,22 @@ def supervised_on_target(target, seed: int, iterations: int, weights: Path) -> f
 
 def adapt(row: dict, source, target, seed: int, iterations: int, weights: Path) -> float:
     """One adaptation row of Table 1 from the given source weights; final-checkpoint accuracy."""
+    module = adapt_module(row, source, target, seed, iterations, weights)
+    return evaluate(module, module.target_net, target)
+
+
+def adapt_module(
+    row: dict, source, target, seed: int, iterations: int, weights: Path, callbacks=()
+) -> GAMAdaptModule:
+    """Run one adaptation row (see ADAPTATION_ROWS) and return the adapted module; extra
+    ``callbacks`` run first."""
     L.seed_everything(seed, verbose=False)
-    module = GAMAdaptModule(
-        LeNet,
-        num_classes=10,
-        layers=row["layers"],
-        drift_weight=row["drift_weight"],
-        source_weights=str(weights),
-    )
+    module_args = {k: v for k, v in row.items() if k != "gaussian"}
+    module = GAMAdaptModule(LeNet, num_classes=10, source_weights=str(weights), **module_args)
     data = DomainAdaptationDataModule(source, target, batch_size=128, seed=seed)
-    matching = GaussianMatching(calibration_batches=10, every_n_epochs=row.get("every_n_epochs", 1))
-    callbacks = [matching] if row["gaussian"] else []
+    callbacks = list(callbacks)
+    if row["gaussian"] is not None:
+        callbacks.append(GaussianMatching(calibration_batches=10, **row["gaussian"]))
     if not row["layers"] and row["drift_weight"] == 0:  # Gaussian only: no optimiser step
         trainer = _trainer(-1, callbacks)
         trainer.fit_loop.max_epochs = 1
@@ -162,7 +169,7 @@ def adapt(row: dict, source, target, seed: int, iterations: int, weights: Path) 
         steps_per_batch = 2 if row["layers"] else 1
         trainer = _trainer(steps_per_batch * iterations, callbacks)
     trainer.fit(module, data)
-    return evaluate(module, module.target_net, target)
+    return module
 
 
 class ResultCache:
