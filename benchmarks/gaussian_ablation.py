@@ -94,7 +94,8 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     direction, seed = job["direction"], job["seed"]
     source, target = R.load_domains(direction, job["root"], job["protocol"])
-    weights = Path(job["workdir"]) / f"{direction.replace('->', '_')}_seed{seed}.pt"
+    workdir = R.weights_dir(job["workdir"], job["source_iterations"])
+    weights = workdir / f"{direction.replace('->', '_')}_seed{seed}.pt"
     if not weights.exists():
         R.train_supervised(source, target, seed, job["source_iterations"], weights)
     validation, held_out = validation_halves(target)
@@ -121,7 +122,10 @@ def validation_halves(target) -> tuple[Subset, Subset]:
 
 
 def run_key(job: dict) -> str:
-    return f"{job['direction']}/{job['variant']}/{job['seed']}/{job['iterations']}"
+    return (
+        f"{job['direction']}/{job['variant']}/{job['seed']}/{job['iterations']}"
+        f"/source{job['source_iterations']}"
+    )
 
 
 def load_cache(path: Path) -> dict:
@@ -141,15 +145,15 @@ def plan(args, protocol: str) -> list[dict]:
     jobs = []
     for seed in args.seeds:
         for direction in args.directions:
-            for variant in VARIANTS:
+            for variant in args.variants:
                 jobs.append(dict(common, direction=direction, seed=seed, variant=variant,
                                  iterations=args.iterations))  # fmt: skip
-            if args.long_iterations and seed == args.seeds[0]:
+            if args.long_iterations and seed == args.seeds[0] and LONG_RUN in args.variants:
                 jobs.append(dict(common, direction=direction, seed=seed, variant=LONG_RUN,
                                  iterations=args.long_iterations))  # fmt: skip
     for seed in args.extra_seeds:
         for direction in args.directions:
-            for variant in DECISION_VARIANTS:
+            for variant in [v for v in DECISION_VARIANTS if v in args.variants]:
                 jobs.append(dict(common, direction=direction, seed=seed, variant=variant,
                                  iterations=args.iterations))  # fmt: skip
     return jobs
@@ -177,7 +181,7 @@ def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: st
         "| variant | " + " | ".join(args.directions) + " |",
         "|---|" + "---|" * len(args.directions),
     ]
-    for variant in VARIANTS:
+    for variant in args.variants:
         cells = []
         for direction in args.directions:
             runs = [cache.get(run_key(j)) for j in jobs
@@ -239,6 +243,8 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--long-iterations", type=int, default=10000,
                         help="iterations of the long run (0: none)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        metavar="VARIANT", help="which rows to run (default: all)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", default="docs/results/gaussian_ablation.md")
     parser.add_argument("--cache", default="benchmarks/.cache/gaussian_ablation.json")

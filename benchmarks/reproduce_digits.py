@@ -121,6 +121,14 @@ def evaluate(module, net, target) -> float:
     return 100 * module.task.evaluate(net, loader, module.device)["acc"]
 
 
+def weights_dir(folder: Path, source_iterations: int) -> Path:
+    """Where the source networks trained for ``source_iterations`` are kept: one folder per
+    iteration count, so runs with another count never pick up these weights."""
+    path = Path(folder) / f"source{source_iterations}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def train_supervised(labelled, target, seed: int, iterations: int, weights: Path) -> float:
     """SourceModule on ``labelled`` for ``iterations`` batches; returns accuracy on ``target``
     (labels only score) and saves the network's weights."""
@@ -422,8 +430,7 @@ def main(argv=None) -> None:
         "adapt_iterations": args.adapt_iterations,
     }
     cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
-    workdir = Path(args.cache).parent / "weights"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = weights_dir(Path(args.cache).parent / "weights", args.source_iterations)
     if args.report_only:
         table1, table2 = tables_from_cache(cache)
     else:
