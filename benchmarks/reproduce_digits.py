@@ -22,6 +22,7 @@ Results are cached per (setting, row, seed) in a JSON file, so an interrupted ru
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -182,7 +183,8 @@ def adapt_module(
 
 class ResultCache:
     """Accuracies keyed by 'setting/row/seed', with each run's own wall time in seconds,
-    written atomically after every run."""
+    written atomically after every run. Several calls may share one cache file (say one per
+    direction, in parallel): each save re-reads the file under a lock and adds its own runs."""
 
     def __init__(self, path: Path, meta: dict):
         self.path = path
@@ -197,9 +199,7 @@ class ResultCache:
             start = time.perf_counter()
             value = run(*args)
             seconds = time.perf_counter() - start
-            self.data["runs"][key] = value
-            self.data.setdefault("seconds", {})[key] = seconds
-            self.save()
+            self.save({key: value}, {key: seconds})
             print(f"{key}: {value:.2f}  ({seconds:.0f} s)", flush=True)
         return self.data["runs"][key]
 
@@ -207,11 +207,20 @@ class ResultCache:
         """The summed wall time of every cached run, in minutes."""
         return sum(self.data.get("seconds", {}).values()) / 60
 
-    def save(self) -> None:
+    def save(self, runs: dict, seconds: dict) -> None:
+        """Add ``runs`` (and their ``seconds``) to the file, keeping what other calls wrote."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stored = json.loads(self.path.read_text()) if self.path.exists() else {}
+            if stored.get("meta") == self.data["meta"]:
+                self.data["runs"] = {**stored["runs"], **self.data["runs"]}
+                self.data["seconds"] = {**stored.get("seconds", {}), **self.data.get("seconds", {})}
+            self.data["runs"].update(runs)
+            self.data.setdefault("seconds", {}).update(seconds)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
 
 
 def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
@@ -231,11 +240,15 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
             if not weights.exists():  # accuracy cached but weights lost: retrain them
                 train_supervised(source, target, seed, args.source_iterations, weights)
             for name, row in ADAPTATION_ROWS.items():
+                if name not in args.rows:
+                    continue
                 value = cache.get_or_run(
                     key.format(name), adapt, row, source, target, seed, args.adapt_iterations,
                     weights,
                 )  # fmt: skip
                 results.setdefault((direction, name), []).append(value)
+            if "supervised on target" not in args.rows:
+                continue
             results.setdefault((direction, "supervised on target"), []).append(
                 cache.get_or_run(
                     key.format("supervised on target"), supervised_on_target, target, seed,
@@ -387,6 +400,21 @@ def parse_args(argv=None):
     parser.add_argument("--directions", nargs="+", default=["MNIST->USPS", "USPS->MNIST"])
     parser.add_argument("--source-iterations", type=int, default=10000)
     parser.add_argument("--adapt-iterations", type=int, default=10000)
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=TABLE1_ROWS,
+        choices=TABLE1_ROWS,
+        metavar="ROW",
+        help="which Table 1 rows to run (default: all; 'source only' always runs, the other "
+        "rows start from its network)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's own); 1 for calls run side by side, e.g. one "
+        "per --directions sharing one --cache",
+    )
     parser.add_argument("--label-shift", action="store_true", help="also run Table 2")
     parser.add_argument(
         "--label-shift-seeds",
@@ -405,13 +433,13 @@ def parse_args(argv=None):
 
 
 def _result_arguments(argv: list[str]) -> list[str]:
-    """The arguments that decide the results (not where the cache and report go)."""
+    """The arguments that decide the results (not where the cache and report go, nor threads)."""
     kept, skip = [], False
     for arg in argv:
         if skip or arg == "--report-only":
             skip = False
             continue
-        if arg in ("--cache", "--report"):
+        if arg in ("--cache", "--report", "--threads"):
             skip = True
             continue
         kept.append(arg)
@@ -421,6 +449,8 @@ def _result_arguments(argv: list[str]) -> list[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_float32_matmul_precision("high")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     protocol = detect_protocol(args.root)
     print(f"Protocol: {protocol} ({args.root})", flush=True)
     # What decides a run's result; seeds, directions and --label-shift only choose which runs

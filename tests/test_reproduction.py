@@ -78,3 +78,49 @@ def test_gaussian_ablation_runs_every_variant_once_and_the_decision_rows_on_extr
     assert rows["+ Gaussian matching every epoch, drift anchored at the matched weights"].endswith(
         "| 90.0 (70.0) |"
     )
+
+
+def test_ablation_variants_option_runs_only_the_chosen_rows_and_keys_runs_by_source_network():
+    ablation = _load_benchmark("gaussian_ablation")
+    args = ablation.parse_args(
+        ["--variants", ablation.LONG_RUN, "--extra-seeds", "11", "--source-iterations", "10000",
+         "--long-iterations", "0"]
+    )  # fmt: skip
+    jobs = ablation.plan(args, "reduced")
+    assert {j["variant"] for j in jobs} == {ablation.LONG_RUN}
+    assert sorted({j["seed"] for j in jobs}) == [10, 11]
+    # The same run from another source network is another cache entry.
+    other = dict(jobs[0], source_iterations=2000)
+    assert ablation.run_key(jobs[0]) != ablation.run_key(other)
+
+
+def test_result_cache_shared_by_two_calls_keeps_both_calls_runs(tmp_path):
+    """Two reproduce_digits calls (say one per direction) may write one cache file."""
+    bench = _benchmark()
+    path = tmp_path / "digits.json"
+    meta = {"config": {"source_iterations": 10000}}
+    first, second = bench.ResultCache(path, meta), bench.ResultCache(path, meta)
+    first.get_or_run("MNIST->USPS/ADDA/0", lambda: 91.0)
+    second.get_or_run("USPS->MNIST/ADDA/0", lambda: 90.0)
+    first.get_or_run("MNIST->USPS/ADDA/1", lambda: 92.0)
+    runs = bench.ResultCache(path, meta).data["runs"]
+    assert runs == {"MNIST->USPS/ADDA/0": 91.0, "USPS->MNIST/ADDA/0": 90.0,
+                    "MNIST->USPS/ADDA/1": 92.0}  # fmt: skip
+    # A cache written with other settings is not mixed in: a call with new settings starts over.
+    assert bench.ResultCache(path, {"config": {"source_iterations": 2000}}).data["runs"] == {}
+
+
+def test_reproduce_rows_option_skips_unchosen_rows_but_always_trains_the_source(tmp_path):
+    bench = _benchmark()
+    args = bench.parse_args(["--rows", "GAM (full)", "--seeds", "0", "--directions", "USPS->MNIST"])
+    calls = []
+
+    class Recorder:
+        def get_or_run(self, key, run, *run_args):
+            calls.append(key)
+            return 50.0
+
+    bench.load_domains = lambda *a: (None, None)
+    (tmp_path / "USPS_MNIST_seed0.pt").write_bytes(b"")
+    bench.run_table1(args, "reduced", Recorder(), tmp_path)
+    assert calls == ["USPS->MNIST/source only/0", "USPS->MNIST/GAM (full)/0"]
