@@ -124,3 +124,40 @@ def test_reproduce_rows_option_skips_unchosen_rows_but_always_trains_the_source(
     (tmp_path / "USPS_MNIST_seed0.pt").write_bytes(b"")
     bench.run_table1(args, "reduced", Recorder(), tmp_path)
     assert calls == ["USPS->MNIST/source only/0", "USPS->MNIST/GAM (full)/0"]
+
+
+def test_confusion_benchmark_counts_true_by_predicted_and_names_the_largest_confusions():
+    confusion = _load_benchmark("confusion")
+
+    class Fixed(torch.nn.Module):
+        """Predicts the class stored in the input's single pixel."""
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long(), 3).float()
+
+    predicted = torch.tensor([0, 0, 1, 2, 2, 2, 1, 0])
+    truth = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    data = torch.utils.data.TensorDataset(predicted.view(-1, 1, 1, 1).float(), truth)
+    matrix = confusion.confusion_matrix(Fixed(), data, num_classes=3)
+    assert matrix.tolist() == [[2, 0, 0], [0, 1, 1], [1, 1, 2]]
+    assert confusion.accuracy(matrix) == 100 * 5 / 8
+    assert confusion.class_accuracy(matrix) == [100.0, 50.0, 50.0]
+    # 1 -> 2 is half of class 1; 2 -> 0 and 2 -> 1 are a quarter of class 2 each.
+    assert confusion.largest_confusions(matrix, count=1) == [(1, 2, 50.0)]
+
+
+def test_reproduction_runs_the_paper_protocol_on_the_train_splits_when_they_are_present(tmp_path):
+    from .test_digits_data import usps_line, write_mnist, write_usps
+
+    bench = _benchmark()
+    write_mnist(tmp_path, split="test", n=5)
+    write_usps(tmp_path / "usps.t.bz2", [usps_line(1, 0.0)] * 3)
+    assert bench.detect_protocol(str(tmp_path)) == "reduced"  # test splits only
+    write_mnist(tmp_path, split="train", n=7)
+    assert bench.detect_protocol(str(tmp_path)) == "reduced"  # USPS train still missing
+    write_usps(tmp_path / "usps.bz2", [usps_line(2, 0.0)] * 4)
+    assert bench.detect_protocol(str(tmp_path)) == "paper"
+    source, target = bench.load_domains("USPS->MNIST", str(tmp_path), "paper")
+    assert (len(source), len(target)) == (4, 7)
+    source, target = bench.load_domains("MNIST->USPS", str(tmp_path), "reduced")
+    assert (len(source), len(target)) == (5, 3)

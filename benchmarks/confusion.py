@@ -1,0 +1,191 @@
+"""Which target digits does adaptation get wrong? Per-class accuracy of GAM (full) on digits.
+
+    python benchmarks/confusion.py --root ../shared/data/digits
+
+On USPS->MNIST the accuracy of GAM (full) swings from run to run far more than the paper's
+±0.5. This runs the GAM (full) row of reproduce_digits on the ablation's seeds (10, 11: not the
+tables' seeds) from source networks trained for 2,000 iterations (the tables' schedule) and for
+10,000 (the paper's), and scores the *validation half* of the target (gaussian_ablation's fixed
+random half), per class: the source network's accuracy, the adapted network's, its worst class
+and the largest confusions. The confusion matrix of the worst run is printed in full.
+
+Each run uses one thread and ``--workers`` runs go in parallel; source networks are shared with
+gaussian_ablation (benchmarks/.cache/weights/sourceN/) and trained when absent. Results are
+cached per run, so an interrupted call resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
+import gaussian_ablation as A  # noqa: E402
+import reproduce_digits as R  # noqa: E402
+from machine import describe  # noqa: E402
+
+from dam_lightning.models import LeNet  # noqa: E402
+
+
+@torch.no_grad()
+def confusion_matrix(net: torch.nn.Module, data, num_classes: int = 10) -> torch.Tensor:
+    """Counts ``[true, predicted]`` of ``net`` (in eval mode) on ``data``."""
+    net.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    for x, y in DataLoader(data, batch_size=1000):
+        predicted = net(x).argmax(dim=1)
+        counts += torch.bincount(y * num_classes + predicted, minlength=num_classes**2)
+    return counts.view(num_classes, num_classes)
+
+
+def class_accuracy(confusion: torch.Tensor) -> list[float]:
+    """Per true class: the share (%) of its images predicted as that class."""
+    return (100 * confusion.diag() / confusion.sum(dim=1).clamp(min=1)).tolist()
+
+
+def accuracy(confusion: torch.Tensor) -> float:
+    return 100 * confusion.diag().sum().item() / confusion.sum().item()
+
+
+def largest_confusions(confusion: torch.Tensor, count: int = 2) -> list[tuple[int, int, float]]:
+    """The ``count`` largest (true, predicted, % of the true class) off the diagonal."""
+    shares = 100 * confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    shares.fill_diagonal_(0)
+    values, flat = shares.flatten().topk(count)
+    n = confusion.shape[0]
+    return [(int(i) // n, int(i) % n, float(v)) for v, i in zip(values, flat, strict=True)]
+
+
+def run_one(job: dict) -> dict:
+    """One GAM (full) run on one thread: confusion matrices of F_s and of the adapted F_t on
+    the validation half."""
+    torch.set_num_threads(1)
+    source, target = R.load_domains(job["direction"], job["root"], job["protocol"])
+    workdir = R.weights_dir(job["workdir"], job["source_iterations"])
+    weights = workdir / f"{job['direction'].replace('->', '_')}_seed{job['seed']}.pt"
+    if not weights.exists():
+        R.train_supervised(source, target, job["seed"], job["source_iterations"], weights)
+    validation, _ = A.validation_halves(target)
+    network = LeNet(num_classes=10)
+    network.load_state_dict(torch.load(weights))
+    start = time.perf_counter()
+    module = R.adapt_module(
+        R.ADAPTATION_ROWS["GAM (full)"], source, target, job["seed"], job["iterations"], weights
+    )
+    return {
+        "source_only": confusion_matrix(network, validation).tolist(),
+        "adapted": confusion_matrix(module.target_net.cpu(), validation).tolist(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_key(job: dict) -> str:
+    return f"{job['direction']}/{job['seed']}/{job['iterations']}/source{job['source_iterations']}"
+
+
+def plan(args, protocol: str) -> list[dict]:
+    return [
+        dict(root=args.root, protocol=protocol, workdir=args.workdir, direction=args.direction,
+             seed=seed, iterations=args.iterations, source_iterations=source_iterations)
+        for source_iterations in args.source_iterations
+        for seed in args.seeds
+    ]  # fmt: skip
+
+
+def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: str) -> str:
+    minutes = sum(cache[run_key(j)]["seconds"] for j in jobs if run_key(j) in cache) / 60
+    lines = [
+        f"# Per-class accuracy of GAM (full) on {args.direction}",
+        "",
+        "Produced by:",
+        "",
+        f"    {command}",
+        "",
+        f"Machine: {describe()}; each run on one thread, {args.workers} runs in parallel. "
+        f"Compute: {minutes:.0f} min of adaptation time (summed over the runs).",
+        "",
+        f"Protocol: {protocol}. GAM (full) as in the digits tables (discriminators on fc3 and "
+        f"fc4, weight drift, no Gaussian matching), {args.iterations} adaptation iterations. "
+        "Accuracy (%) on the validation half of the target images (gaussian_ablation's; "
+        f"permutation seed {A.VALIDATION_PERMUTATION_SEED}); seeds {args.seeds}. The largest "
+        "confusions are 'true -> predicted: % of the true class'.",
+        "",
+        "| source iterations | seed | source only | GAM (full) | worst class after GAM | "
+        "largest confusions after GAM |",
+        "|---|---|---|---|---|---|",
+    ]
+    worst_run = None
+    for job in jobs:
+        if run_key(job) not in cache:
+            continue
+        before = torch.tensor(cache[run_key(job)]["source_only"])
+        after = torch.tensor(cache[run_key(job)]["adapted"])
+        per_class = class_accuracy(after)
+        worst = min(range(len(per_class)), key=per_class.__getitem__)
+        confusions = ", ".join(f"{t} -> {p}: {s:.0f}" for t, p, s in largest_confusions(after))
+        lines.append(
+            f"| {job['source_iterations']} | {job['seed']} | {accuracy(before):.1f} | "
+            f"{accuracy(after):.1f} | {worst}: {per_class[worst]:.1f} | {confusions} |"
+        )
+        if worst_run is None or accuracy(after) < accuracy(worst_run[1]):
+            worst_run = (job, after)
+    if worst_run is not None:
+        job, after = worst_run
+        lines += [
+            "",
+            f"Confusion matrix of the lowest run (source {job['source_iterations']} iterations, "
+            f"seed {job['seed']}); rows: true digit, columns: predicted digit:",
+            "",
+            "| true \\ predicted | " + " | ".join(str(c) for c in range(10)) + " |",
+            "|---|" + "---|" * 10,
+        ]
+        for true, row in enumerate(after.tolist()):
+            lines.append(f"| {true} | " + " | ".join(str(v) for v in row) + " |")
+    lines.append("")
+    text = "\n".join(lines)
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(text)
+    return text
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="../shared/data/digits")
+    parser.add_argument("--direction", default="USPS->MNIST", choices=list(R.PAPER_TABLE1))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11])
+    parser.add_argument("--source-iterations", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--report", default="docs/results/confusion.md")
+    parser.add_argument("--cache", default="benchmarks/.cache/confusion.json")
+    parser.add_argument("--workdir", default="benchmarks/.cache/weights")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    protocol = R.detect_protocol(args.root)
+    cache_path = Path(args.cache)
+    cache = A.load_cache(cache_path)
+    jobs = plan(args, protocol)
+    todo = [j for j in jobs if run_key(j) not in cache]
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        for job, result in zip(todo, pool.map(run_one, todo), strict=True):
+            cache[run_key(job)] = result
+            A.save_cache(cache_path, cache)
+            print(f"{run_key(job)}: {accuracy(torch.tensor(result['adapted'])):.2f}", flush=True)
+    given = sys.argv[1:] if argv is None else argv
+    quoted = [f"'{a}'" if ">" in a else a for a in given if a]
+    command = " ".join(["python benchmarks/confusion.py", *quoted]).strip()
+    print(write_report(args, protocol, jobs, cache, command))
+
+
+if __name__ == "__main__":
+    main()
