@@ -45,3 +45,14 @@ def test_every_public_class_and_function_has_a_docstring():
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not obj.__doc__:
                 missing.append(f"{info.name}.{name}")
     assert missing == []
+
+
+def test_every_relative_link_in_the_docs_points_at_a_file_that_exists():
+    broken = []
+    for page in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert broken == []
