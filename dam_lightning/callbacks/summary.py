@@ -87,13 +87,16 @@ def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
     """A Markdown table, one row per milestone, metrics in percent."""
     metrics = sorted({name for row in rows.values() for name in row})
     width = max([len("stage")] + [len(stage) for stage in rows])
+    cell = {m: max(6, len(m)) for m in metrics}
     lines = [
         title,
         "",
-        "| " + "stage".ljust(width) + " | " + " | ".join(f"{m:>6}" for m in metrics) + " |",
-        "|" + "-" * (width + 2) + "|" + "|".join("-" * 8 for _ in metrics) + "|",
+        "| " + "stage".ljust(width) + " | " + " | ".join(m.rjust(cell[m]) for m in metrics) + " |",
+        "|" + "-" * (width + 2) + "|" + "|".join("-" * (cell[m] + 2) for m in metrics) + "|",
     ]
     for stage, row in rows.items():
-        cells = " | ".join(f"{100 * row[m]:6.2f}" if m in row else "     -" for m in metrics)
+        cells = " | ".join(
+            f"{100 * row[m]:{cell[m]}.2f}" if m in row else "-".rjust(cell[m]) for m in metrics
+        )
         lines.append(f"| {stage.ljust(width)} | {cells} |")
     return "\n".join(lines)
