@@ -33,12 +33,12 @@ class WorstClassAccuracy(MulticlassStatScores):
         super().__init__(num_classes, average=None, validate_args=False)
 
     def compute(self) -> Tensor:
-        tp, fp, tn, fn = self._final_state()
-        images = tp + fn
+        stats = super().compute()  # per class: tp, fp, tn, fn, support
+        correct, images = stats[:, 0], stats[:, 4]
         present = images > 0
         if not present.any():
-            return torch.tensor(0.0, device=tp.device)
-        return (tp[present].float() / images[present]).min()
+            return torch.tensor(0.0, device=stats.device)
+        return (correct[present].float() / images[present]).min()
 
 
 class ClassificationTask:
