@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
 import gaussian_ablation as A  # noqa: E402
 import reproduce_digits as R  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import command_line, provenance  # noqa: E402
 
 from dam_lightning.models import LeNet  # noqa: E402
 
@@ -104,12 +104,11 @@ def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: st
     lines = [
         f"# Per-class accuracy of GAM (full) on {args.direction}",
         "",
-        "Produced by:",
-        "",
-        f"    {command}",
-        "",
-        f"Machine: {describe()}; each run on one thread, {args.workers} runs in parallel. "
-        f"Compute: {minutes:.0f} min of adaptation time (summed over the runs).",
+        *provenance(
+            command,
+            f"; each run on one thread, {args.workers} runs in parallel. "
+            f"Compute: {minutes:.0f} min of adaptation time (summed over the runs).",
+        ),
         "",
         f"Protocol: {protocol}. GAM (full) as in the digits tables (discriminators on fc3 and "
         f"fc4, weight drift, no Gaussian matching), {args.iterations} adaptation iterations. "
@@ -182,8 +181,7 @@ def main(argv=None) -> None:
             A.save_cache(cache_path, cache)
             print(f"{run_key(job)}: {accuracy(torch.tensor(result['adapted'])):.2f}", flush=True)
     given = sys.argv[1:] if argv is None else argv
-    quoted = [f"'{a}'" if ">" in a else a for a in given if a]
-    command = " ".join(["python benchmarks/confusion.py", *quoted]).strip()
+    command = command_line("confusion.py", given)
     print(write_report(args, protocol, jobs, cache, command))
 
 

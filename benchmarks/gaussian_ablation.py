@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
 import reproduce_digits as R  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import command_line, provenance  # noqa: E402
 
 VALIDATION_PERMUTATION_SEED = 1234
 CONV_LAYERS = ["conv1.0", "conv2.0"]
@@ -164,12 +164,11 @@ def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: st
     lines = [
         "# Gaussian matching in GAM on digits: the experiment behind the digits configs",
         "",
-        "Produced by:",
-        "",
-        f"    {command}",
-        "",
-        f"Machine: {describe()}; each run on one thread, {args.workers} runs in parallel. "
-        f"Compute: {minutes:.0f} min of run time (summed over the runs).",
+        *provenance(
+            command,
+            f"; each run on one thread, {args.workers} runs in parallel. "
+            f"Compute: {minutes:.0f} min of run time (summed over the runs).",
+        ),
         "",
         f"Protocol: {protocol}. Source network: {args.source_iterations} iterations; adaptation: "
         f"{args.iterations} iterations, batch 128 + 128. Seeds {args.seeds} (not the tables' "
@@ -274,8 +273,7 @@ def main(argv=None) -> None:
         run_all(pool, list(firsts.values()), cache, cache_path)
         run_all(pool, [j for j in todo if j not in firsts.values()], cache, cache_path)
     given = sys.argv[1:] if argv is None else argv
-    quoted = [f"'{a}'" if ">" in a else a for a in given if a]
-    command = " ".join(["python benchmarks/gaussian_ablation.py", *quoted]).strip()
+    command = command_line("gaussian_ablation.py", given)
     print(write_report(args, protocol, jobs, cache, command))
 
 

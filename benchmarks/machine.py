@@ -1,9 +1,10 @@
-"""What machine a benchmark ran on, for the line printed beside its figures."""
+"""What a benchmark prints beside its figures: the machine it ran on, the command that made them."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -29,3 +30,15 @@ def describe() -> str:
         f"{device}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"lightning {L.__version__}"
     )
+
+
+def command_line(script: str, arguments: list[str]) -> str:
+    """The shell command that reruns ``benchmarks/<script>`` with ``arguments``, quoted so that
+    it can be pasted (directions such as USPS->MNIST and names with spaces included)."""
+    return shlex.join(["python", f"benchmarks/{script}", *(a for a in arguments if a)])
+
+
+def provenance(command: str, details: str = "") -> list[str]:
+    """The Markdown lines a report opens with: the command that produced it, then the machine
+    (``details`` continues the machine's sentence, e.g. how the runs shared it)."""
+    return ["Produced by:", "", f"    {command}", "", f"Machine: {describe()}{details}"]

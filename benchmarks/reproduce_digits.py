@@ -40,7 +40,7 @@ from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import describe  # noqa: E402
+from machine import command_line, describe  # noqa: E402
 
 BOTH_LAYERS = {"fc3": 0.1, "fc4": 1.0}
 # The GAM rows follow the authors' released digits code (tools/train_adda.py of their ADDA
@@ -467,9 +467,8 @@ def main(argv=None) -> None:
         table1 = run_table1(args, protocol, cache, workdir)
         table2 = run_table2(args, protocol, cache, workdir) if args.label_shift else {}
     given = _result_arguments(sys.argv[1:] if argv is None else argv)
-    quoted = [f"'{a}'" if ">" in a else a for a in given]  # directions contain '->'
-    command = "python benchmarks/reproduce_digits.py " + " ".join(quoted)
-    write_report(args, protocol, table1, table2, command.strip(), cache.compute_minutes())
+    command = command_line("reproduce_digits.py", given)
+    write_report(args, protocol, table1, table2, command, cache.compute_minutes())
     print(Path(args.report).read_text())
 
 

@@ -35,7 +35,7 @@ from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import describe  # noqa: E402
+from machine import command_line, describe  # noqa: E402
 
 LAYERS = {"fc3": 0.1, "fc4": 1.0}
 
@@ -223,7 +223,7 @@ def main() -> None:
 
 def write_report(path: Path, lines: list[str]) -> None:
     """The figures as markdown, headed by the command that produced them, written atomically."""
-    command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+    command = command_line("speed.py", sys.argv[1:])
     text = "\n".join(
         [
             "# Speed",
