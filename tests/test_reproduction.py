@@ -161,3 +161,14 @@ def test_reproduction_runs_the_paper_protocol_on_the_train_splits_when_they_are_
     assert (len(source), len(target)) == (4, 7)
     source, target = bench.load_domains("MNIST->USPS", str(tmp_path), "reduced")
     assert (len(source), len(target)) == (5, 3)
+
+
+def test_confusion_benchmark_adapts_each_source_network_with_several_seeds():
+    confusion = _load_benchmark("confusion")
+    args = confusion.parse_args(["--seeds", "10", "13", "--source-iterations", "2000"])
+    jobs = confusion.plan(args, "reduced")
+    assert [(j["seed"], j["adapt_seed"]) for j in jobs] == [(10, 10), (10, 1010), (13, 13),
+                                                            (13, 1013)]  # fmt: skip
+    keys = [confusion.run_key(j) for j in jobs]
+    assert len(set(keys)) == 4
+    assert keys[0] == "USPS->MNIST/10/2000/source2000"  # the first seed keeps the plain key
