@@ -122,7 +122,7 @@ def evaluate(module, net, target) -> float:
     return 100 * module.task.evaluate(net, loader, module.device)["acc"]
 
 
-def weights_dir(folder: Path, source_iterations: int) -> Path:
+def weights_dir(folder: Path, source_iterations: int | str) -> Path:
     """Where the source networks trained for ``source_iterations`` are kept: one folder per
     iteration count, so runs with another count never pick up these weights."""
     path = Path(folder) / f"source{source_iterations}"
@@ -130,11 +130,14 @@ def weights_dir(folder: Path, source_iterations: int) -> Path:
     return path
 
 
-def train_supervised(labelled, target, seed: int, iterations: int, weights: Path) -> float:
-    """SourceModule on ``labelled`` for ``iterations`` batches; returns accuracy on ``target``
-    (labels only score) and saves the network's weights."""
+def train_supervised(
+    labelled, target, seed: int, iterations: int, weights: Path, augment=None
+) -> float:
+    """SourceModule on ``labelled`` for ``iterations`` batches (with ``augment`` applied to the
+    batches if given); returns accuracy on ``target`` (labels only score) and saves the
+    network's weights."""
     L.seed_everything(seed, verbose=False)
-    module = SourceModule(LeNet, num_classes=10)
+    module = SourceModule(LeNet, num_classes=10, augment=augment)
     data = DomainAdaptationDataModule(labelled, target, batch_size=128, seed=seed)
     _trainer(iterations).fit(module, data)
     torch.save(module.net.state_dict(), weights)

@@ -1,5 +1,6 @@
 """Datasets (one file per family), the class tables and the domain-adaptation DataModule."""
 
+from dam_lightning.data.augment import RandomAffine
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
 from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
 from dam_lightning.data.label_shift import LabelShift
@@ -9,6 +10,7 @@ __all__ = [
     "USPS",
     "DomainAdaptationDataModule",
     "LabelShift",
+    "RandomAffine",
     "SynDigits",
     "UCIDigits",
     "Unlabelled",

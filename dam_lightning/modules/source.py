@@ -35,6 +35,8 @@ class SourceModule(EvaluatingModule):
         num_classes: number of classes; linked from the data module by the CLI.
         optimizer: optimiser factory; default Adam(lr=1e-3, weight_decay=2.5e-5) (paper, digits).
         scheduler: optional LR scheduler factory, stepped once per batch.
+        augment: optional module applied to every source batch before the forward pass, in
+            training only (e.g. ``dam_lightning.data.RandomAffine()``; not in the paper).
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -52,10 +54,12 @@ class SourceModule(EvaluatingModule):
         num_classes: int = 10,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
+        augment: nn.Module | None = None,
     ):
         super().__init__(num_classes)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "augment"])
         self.net = net(num_classes)
+        self.augment = augment
         self.optimizer_factory = optimizer or paper_source_optimizer
         self.scheduler_factory = scheduler
 
@@ -65,6 +69,8 @@ class SourceModule(EvaluatingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = batch["source"]
+        if self.augment is not None:
+            x = self.augment(x)
         loss = self.task.loss(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
