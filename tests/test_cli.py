@@ -157,3 +157,15 @@ def test_gaussian_matching_snippet_in_the_digits_configs_works_when_pasted(name,
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert callbacks[0]["class_path"] == "dam_lightning.callbacks.GaussianMatching"
     assert callbacks[0]["init_args"]["every_n_epochs"] == 0
+
+
+def test_source_augmentation_is_configurable_from_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            ["fit", "--config", str(REPO / "configs/usps_mnist_source.yaml"),
+             "--model.augment", "dam_lightning.data.RandomAffine",
+             "--model.augment.zoom", "[0.6, 1.0]", "--print_config"]
+        )  # fmt: skip
+    augment = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["augment"]
+    assert augment["class_path"] == "dam_lightning.data.RandomAffine"
+    assert augment["init_args"]["zoom"] == [0.6, 1.0]
