@@ -122,10 +122,11 @@ def evaluate(module, net, target) -> float:
     return 100 * module.task.evaluate(net, loader, module.device)["acc"]
 
 
-def weights_dir(folder: Path, source_iterations: int | str) -> Path:
-    """Where the source networks trained for ``source_iterations`` are kept: one folder per
-    iteration count, so runs with another count never pick up these weights."""
-    path = Path(folder) / f"source{source_iterations}"
+def weights_dir(folder: Path, schedule: int | str) -> Path:
+    """Where the source networks of one training ``schedule`` (an iteration count such as 2000,
+    or a label such as "2000_affine") are kept: one folder per schedule, so runs with another
+    schedule never pick up these weights."""
+    path = Path(folder) / f"source{schedule}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
