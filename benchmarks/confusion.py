@@ -10,7 +10,9 @@ tables' schedule) and for 10,000 (the paper's), and scores the *validation half*
 network's, its worst class and the largest confusions. The confusion matrix of the worst run is
 printed in full. Each source network is adapted ``--adaptation-seeds`` times (different
 seeds), to tell a failure that follows the source network from one the adaptation's own
-randomness causes.
+randomness causes. ``--source-augment`` trains the source networks with
+``dam_lightning.data.RandomAffine`` (not in the paper), the fix measured in
+docs/results/confusion_affine.md.
 
 Each run uses one thread and ``--workers`` runs go in parallel; source networks are shared with
 gaussian_ablation (benchmarks/.cache/weights/sourceN/) and trained when absent. Results are
