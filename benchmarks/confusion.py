@@ -36,7 +36,6 @@ import gaussian_ablation as A  # noqa: E402
 import reproduce_digits as R  # noqa: E402
 from machine import command_line, provenance  # noqa: E402
 
-from dam_lightning.data import RandomAffine  # noqa: E402
 from dam_lightning.models import LeNet  # noqa: E402
 
 
@@ -74,14 +73,7 @@ def run_one(job: dict) -> dict:
     the validation half."""
     torch.set_num_threads(1)
     source, target = R.load_domains(job["direction"], job["root"], job["protocol"])
-    schedule = f"{job['source_iterations']}_affine" if job["augment"] else job["source_iterations"]
-    workdir = R.weights_dir(job["workdir"], schedule)
-    weights = workdir / f"{job['direction'].replace('->', '_')}_seed{job['seed']}.pt"
-    if not weights.exists():
-        augment = RandomAffine() if job["augment"] else None
-        R.train_supervised(
-            source, target, job["seed"], job["source_iterations"], weights, augment=augment
-        )
+    weights = A.source_network(job, source, target)
     validation, _ = A.validation_halves(target)
     network = LeNet(num_classes=10)
     network.load_state_dict(torch.load(weights))
@@ -228,10 +220,8 @@ def main(argv=None) -> None:
     cache = A.load_cache(cache_path)
     jobs = plan(args, protocol)
     todo = [j for j in jobs if run_key(j) not in cache]
-    # One job per source network first, so parallel runs never train the same one.
-    firsts = list({(j["seed"], j["source_iterations"]): j for j in reversed(todo)}.values())
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        for batch in (firsts, [j for j in todo if j not in firsts]):
+        for batch in A.source_networks_first(todo):
             for job, result in zip(batch, pool.map(run_one, batch), strict=True):
                 cache[run_key(job)] = result
                 A.save_cache(cache_path, cache)

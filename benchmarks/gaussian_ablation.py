@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark 
 import reproduce_digits as R  # noqa: E402
 from machine import command_line, provenance  # noqa: E402
 
+from dam_lightning.data import RandomAffine  # noqa: E402
+
 VALIDATION_PERMUTATION_SEED = 1234
 CONV_LAYERS = ["conv1.0", "conv2.0"]
 
@@ -94,10 +96,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(1)
     direction, seed = job["direction"], job["seed"]
     source, target = R.load_domains(direction, job["root"], job["protocol"])
-    workdir = R.weights_dir(job["workdir"], job["source_iterations"])
-    weights = workdir / f"{direction.replace('->', '_')}_seed{seed}.pt"
-    if not weights.exists():
-        R.train_supervised(source, target, seed, job["source_iterations"], weights)
+    weights = source_network(job, source, target)
     validation, held_out = validation_halves(target)
     curve = ValidationCurve(validation)
     start = time.perf_counter()
@@ -110,6 +109,30 @@ def run_one(job: dict) -> dict:
         "curve": curve.curve,
         "seconds": time.perf_counter() - start,
     }
+
+
+def source_network(job: dict, source, target) -> Path:
+    """The weights of the job's source network (direction, seed, source_iterations and, if
+    ``job["augment"]``, RandomAffine), trained first when its file is absent."""
+    augment = job.get("augment", False)
+    schedule = f"{job['source_iterations']}_affine" if augment else job["source_iterations"]
+    weights = R.source_weights(R.weights_dir(job["workdir"], schedule), job["direction"],
+                               job["seed"])  # fmt: skip
+    if not weights.exists():
+        R.train_supervised(source, target, job["seed"], job["source_iterations"], weights,
+                           augment=RandomAffine() if augment else None)  # fmt: skip
+    return weights
+
+
+def source_networks_first(todo: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``todo`` split into one job per source network, then the rest: run the first part
+    before the second so that parallel runs never train the same source network."""
+    firsts = {
+        (j["direction"], j["seed"], j["source_iterations"], j.get("augment", False)): j
+        for j in reversed(todo)
+    }
+    first_jobs = list(firsts.values())
+    return first_jobs, [j for j in todo if j not in first_jobs]
 
 
 def validation_halves(target) -> tuple[Subset, Subset]:
@@ -267,11 +290,9 @@ def main(argv=None) -> None:
     cache = load_cache(cache_path)
     jobs = plan(args, protocol)
     todo = [j for j in jobs if run_key(j) not in cache]
-    # Source networks first, one per (direction, seed), so parallel runs never train the same one.
-    firsts = {(j["direction"], j["seed"]): j for j in reversed(todo)}
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        run_all(pool, list(firsts.values()), cache, cache_path)
-        run_all(pool, [j for j in todo if j not in firsts.values()], cache, cache_path)
+        for batch in source_networks_first(todo):
+            run_all(pool, batch, cache, cache_path)
     given = sys.argv[1:] if argv is None else argv
     command = command_line("gaussian_ablation.py", given)
     print(write_report(args, protocol, jobs, cache, command))

@@ -131,6 +131,11 @@ def weights_dir(folder: Path, schedule: int | str) -> Path:
     return path
 
 
+def source_weights(workdir: Path, direction: str, seed: int) -> Path:
+    """The file of the source network of ``direction`` and ``seed`` in a schedule's folder."""
+    return Path(workdir) / f"{direction.replace('->', '_')}_seed{seed}.pt"
+
+
 def train_supervised(
     labelled, target, seed: int, iterations: int, weights: Path, augment=None
 ) -> float:
@@ -233,7 +238,7 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
         source, target = load_domains(direction, args.root, protocol)
         tag = direction.replace("->", "_")
         for seed in args.seeds:
-            weights = workdir / f"{tag}_seed{seed}.pt"
+            weights = source_weights(workdir, direction, seed)
             key = f"{direction}/{{}}/{seed}"
             results.setdefault((direction, "source only"), []).append(
                 cache.get_or_run(
