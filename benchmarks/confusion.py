@@ -10,7 +10,7 @@ tables' schedule) and for 10,000 (the paper's), and scores the *validation half*
 network's, its worst class and the largest confusions. The confusion matrix of the worst run is
 printed in full. Each source network is adapted ``--adaptation-seeds`` times (different
 seeds), to tell a failure that follows the source network from one the adaptation's own
-randomness causes. ``--source-augment`` trains the source networks with
+randomness causes. ``--source-augment [shrink|enlarge]`` trains the source networks with
 ``dam_lightning.data.RandomAffine`` (not in the paper), the fix measured in
 docs/results/confusion_affine.md.
 
@@ -94,7 +94,7 @@ ADAPT_SEED_STEP = 1000  # adaptation seeds of source network s: s, s + 1000, s +
 
 def run_key(job: dict) -> str:
     key = f"{job['direction']}/{job['seed']}/{job['iterations']}/source{job['source_iterations']}"
-    key += "/affine" if job["augment"] else ""
+    key += f"/{job['augment']}" if job["augment"] else ""
     return key if job["adapt_seed"] == job["seed"] else f"{key}/adapt{job['adapt_seed']}"
 
 
@@ -173,7 +173,9 @@ def write_report(args, protocol: str, jobs: list[dict], cache: dict, command: st
 
 def _schedule(args, source_iterations: int) -> str:
     """How the source networks were trained, for the report's first column."""
-    return f"{source_iterations} + RandomAffine" if args.source_augment else str(source_iterations)
+    if args.source_augment is None:
+        return str(source_iterations)
+    return f"{source_iterations} + {args.source_augment} (RandomAffine)"
 
 
 def _mean_row(source_iterations: str, runs: list[dict]) -> str:
@@ -196,8 +198,12 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument(
         "--source-augment",
-        action="store_true",
-        help="train the source networks with dam_lightning.data.RandomAffine (not in the paper)",
+        nargs="?",
+        const="shrink",
+        choices=list(R.SOURCE_AUGMENTATIONS),
+        help="train the source networks with dam_lightning.data.RandomAffine (not in the "
+        "paper): 'shrink' (the default when no name is given) or 'enlarge' the source digits, "
+        "see reproduce_digits.SOURCE_AUGMENTATIONS",
     )
     parser.add_argument(
         "--adaptation-seeds",

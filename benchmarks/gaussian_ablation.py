@@ -40,8 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark 
 import reproduce_digits as R  # noqa: E402
 from machine import command_line, provenance  # noqa: E402
 
-from dam_lightning.data import RandomAffine  # noqa: E402
-
 VALIDATION_PERMUTATION_SEED = 1234
 CONV_LAYERS = ["conv1.0", "conv2.0"]
 
@@ -112,15 +110,16 @@ def run_one(job: dict) -> dict:
 
 
 def source_network(job: dict, source, target) -> Path:
-    """The weights of the job's source network (direction, seed, source_iterations and, if
-    ``job["augment"]``, RandomAffine), trained first when its file is absent."""
-    augment = job.get("augment", False)
-    schedule = f"{job['source_iterations']}_affine" if augment else job["source_iterations"]
+    """The weights of the job's source network (direction, seed, source_iterations and
+    ``job["augment"]``: a name in reproduce_digits.SOURCE_AUGMENTATIONS, or None), trained first
+    when its file is absent."""
+    augment = job.get("augment")
+    schedule = R.source_schedule(job["source_iterations"], augment)
     weights = R.source_weights(R.weights_dir(job["workdir"], schedule), job["direction"],
                                job["seed"])  # fmt: skip
     if not weights.exists():
         R.train_supervised(source, target, job["seed"], job["source_iterations"], weights,
-                           augment=RandomAffine() if augment else None)  # fmt: skip
+                           augment=R.source_augmentation(augment))  # fmt: skip
     return weights
 
 
@@ -128,7 +127,7 @@ def source_networks_first(todo: list[dict]) -> tuple[list[dict], list[dict]]:
     """``todo`` split into one job per source network, then the rest: run the first part
     before the second so that parallel runs never train the same source network."""
     firsts = {
-        (j["direction"], j["seed"], j["source_iterations"], j.get("augment", False)): j
+        (j["direction"], j["seed"], j["source_iterations"], j.get("augment")): j
         for j in reversed(todo)
     }
     first_jobs = list(firsts.values())

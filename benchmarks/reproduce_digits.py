@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Subset
 
 from dam_lightning.callbacks import GaussianMatching
-from dam_lightning.data import MNIST, USPS, DomainAdaptationDataModule, LabelShift
+from dam_lightning.data import MNIST, USPS, DomainAdaptationDataModule, LabelShift, RandomAffine
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 
@@ -63,6 +63,7 @@ ADAPTATION_ROWS = {
     ),
 }
 TABLE1_ROWS = ["source only", *ADAPTATION_ROWS, "supervised on target"]
+AUGMENTED_ROWS = TABLE1_ROWS[:-1]  # the supervised row never uses the source network
 PAPER_TABLE1 = {
     "MNIST->USPS": {"source only": "77.8", "ADDA": "90.2 ± 0.9", "ADDA + weight drift":
                     "90.5 ± 0.5", "GAM without weight drift": "95.6 ± 0.6", "GAM (full)":
@@ -83,6 +84,26 @@ PAPER_TABLE2 = {
     "MNIST->odd USPS": ("87.6", "72.8"),
     "MNIST->even USPS": ("73.7", "80.1"),
 }
+
+
+# Source augmentation (not in the paper; dam_lightning.data.RandomAffine) by name. The digits
+# differ in size: USPS digits fill their frame, MNIST digits its middle 20x20 of 28x28 (MNIST's
+# documented normalisation). "shrink" scales the source digits to 70-100% of their size (USPS
+# digits down to MNIST's), "enlarge" to 100-140% (MNIST digits up to USPS's); both also rotate
+# by up to 10 degrees and shift by up to 1.4 pixels.
+SOURCE_AUGMENTATIONS = {"shrink": dict(zoom=(0.7, 1.0)), "enlarge": dict(zoom=(1.0, 1.4))}
+# The one that brings the source digits to the target's size (known without any target label).
+TOWARD_TARGET_SIZE = {"USPS->MNIST": "shrink", "MNIST->USPS": "enlarge"}
+
+
+def source_augmentation(name: str | None) -> RandomAffine | None:
+    """The RandomAffine of SOURCE_AUGMENTATIONS[name], or None for no augmentation."""
+    return None if name is None else RandomAffine(**SOURCE_AUGMENTATIONS[name])
+
+
+def source_schedule(iterations: int, augment: str | None) -> int | str:
+    """The name of a source training schedule: 2000, or "2000_shrink" with augmentation."""
+    return iterations if augment is None else f"{iterations}_{augment}"
 
 
 def detect_protocol(root: str) -> str:
@@ -123,17 +144,17 @@ def evaluate(module, net, target) -> float:
 
 
 def weights_dir(folder: Path, schedule: int | str) -> Path:
-    """Where the source networks of one training ``schedule`` (an iteration count such as 2000,
-    or a label such as "2000_affine") are kept: one folder per schedule, so runs with another
+    """Where the source networks of one training ``schedule`` (see source_schedule: 2000, or
+    "2000_shrink" with augmentation) are kept: one folder per schedule, so runs with another
     schedule never pick up these weights."""
     path = Path(folder) / f"source{schedule}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def source_weights(workdir: Path, direction: str, seed: int) -> Path:
+def source_weights(folder: Path, direction: str, seed: int) -> Path:
     """The file of the source network of ``direction`` and ``seed`` in a schedule's folder."""
-    return Path(workdir) / f"{direction.replace('->', '_')}_seed{seed}.pt"
+    return Path(folder) / f"{direction.replace('->', '_')}_seed{seed}.pt"
 
 
 def train_supervised(
@@ -233,42 +254,63 @@ class ResultCache:
 
 
 def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
+    """Table 1: for each direction and seed, the source network, then the chosen rows from it;
+    with --augmented-rows, the same again from a source network trained with augmentation.
+    Networks are kept in ``workdir``'s folder per source schedule (weights_dir)."""
     results: dict = {}
     for direction in args.directions:
         source, target = load_domains(direction, args.root, protocol)
         tag = direction.replace("->", "_")
+        augment = TOWARD_TARGET_SIZE[direction]
+        plain = weights_dir(workdir, args.source_iterations)
+        settings = [(direction, None, args.rows)]
+        if args.augmented_rows:
+            settings.append((augmented_setting(direction), augment, args.augmented_rows))
         for seed in args.seeds:
-            weights = source_weights(workdir, direction, seed)
-            key = f"{direction}/{{}}/{seed}"
-            results.setdefault((direction, "source only"), []).append(
-                cache.get_or_run(
-                    key.format("source only"),
-                    train_supervised, source, target, seed, args.source_iterations, weights,
-                )
-            )  # fmt: skip
-            if not weights.exists():  # accuracy cached but weights lost: retrain them
-                train_supervised(source, target, seed, args.source_iterations, weights)
-            for name, row in ADAPTATION_ROWS.items():
-                if name not in args.rows:
-                    continue
-                value = cache.get_or_run(
-                    key.format(name), adapt, row, source, target, seed, args.adapt_iterations,
-                    weights,
-                )  # fmt: skip
-                results.setdefault((direction, name), []).append(value)
+            for setting, augmentation, rows in settings:
+                folder = weights_dir(workdir, source_schedule(args.source_iterations, augmentation))
+                weights = source_weights(folder, direction, seed)
+                values = run_rows(args, cache, setting, rows, source, target, seed, weights,
+                                  augmentation)  # fmt: skip
+                for name, value in values.items():
+                    results.setdefault((setting, name), []).append(value)
             if "supervised on target" not in args.rows:
                 continue
             results.setdefault((direction, "supervised on target"), []).append(
                 cache.get_or_run(
-                    key.format("supervised on target"), supervised_on_target, target, seed,
-                    args.source_iterations, workdir / f"{tag}_oracle{seed}.pt",
+                    f"{direction}/supervised on target/{seed}", supervised_on_target, target, seed,
+                    args.source_iterations, plain / f"{tag}_oracle{seed}.pt",
                 )
             )  # fmt: skip
     return results
 
 
+def augmented_setting(direction: str) -> str:
+    """The Table 1 setting of ``direction`` with an augmented source: "USPS->MNIST +shrink"."""
+    return f"{direction} +{TOWARD_TARGET_SIZE[direction]}"
+
+
+def run_rows(args, cache, setting, rows, source, target, seed, weights, augment) -> dict:
+    """'source only' (training the source network into ``weights``, with ``augment``: a
+    SOURCE_AUGMENTATIONS name or None) and then the ADAPTATION_ROWS among ``rows`` from it;
+    accuracies by row name, cached under '<setting>/<row>/<seed>'."""
+    train = (source, target, seed, args.source_iterations, weights, source_augmentation(augment))
+    values = {"source only": cache.get_or_run(f"{setting}/source only/{seed}", train_supervised,
+                                              *train)}  # fmt: skip
+    if not weights.exists():  # accuracy cached but weights lost: retrain them
+        train_supervised(*train)
+    for name, row in ADAPTATION_ROWS.items():
+        if name in rows:
+            values[name] = cache.get_or_run(
+                f"{setting}/{name}/{seed}", adapt, row, source, target, seed,
+                args.adapt_iterations, weights,
+            )  # fmt: skip
+    return values
+
+
 def run_table2(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
     results: dict = {}
+    folder = weights_dir(workdir, args.source_iterations)
     for setting, (direction, domain, drop) in LABEL_SHIFT.items():
         source, target = load_domains(direction, args.root, protocol)
         if domain == "source":
@@ -276,7 +318,7 @@ def run_table2(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
         else:
             target = LabelShift(target, drop=drop, fraction=0.5, seed=0)
         for seed in label_shift_seeds(args):
-            weights = workdir / f"shift_{setting.replace(' ', '_').replace('->', '_')}_{seed}.pt"
+            weights = folder / f"shift_{setting.replace(' ', '_').replace('->', '_')}_{seed}.pt"
             before = cache.get_or_run(
                 f"{setting}/no adaptation/{seed}",
                 train_supervised, source, target, seed, args.source_iterations, weights,
@@ -356,6 +398,7 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
         ]
         paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
         lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
+    lines += augmented_table(args, table1)
     if table2:
         lines += [
             "",
@@ -377,6 +420,42 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines))
     plot(args, table1, Path(args.report).with_suffix(".png"))
+
+
+def augmented_table(args, table1) -> list[str]:
+    """Report lines of Table 1 with an augmented source, for the rows the cache holds."""
+    rows = [r for r in AUGMENTED_ROWS
+            if any((augmented_setting(d), r) in table1 for d in args.directions)]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Table 1 with an augmented source (not in the paper)",
+        "",
+        "The same rows from source networks trained with dam_lightning.data.RandomAffine: every "
+        "source image scaled toward the target's digit size (USPS digits fill the frame, MNIST "
+        "digits its middle 20x20), rotated by up to 10 degrees and shifted by up to 1.4 pixels. "
+        + "; ".join(
+            f"{d}: {TOWARD_TARGET_SIZE[d]}, zoom "
+            f"{SOURCE_AUGMENTATIONS[TOWARD_TARGET_SIZE[d]]['zoom']}"
+            for d in args.directions
+        )
+        + ". No target label is used; adaptation itself is unchanged. Seeds and iterations as "
+        "above.",
+        "",
+        "| approach | "
+        + " | ".join(f"{d}, {TOWARD_TARGET_SIZE[d]} (ours)" for d in args.directions)
+        + " | "
+        + " | ".join(f"{d} (paper)" for d in args.directions)
+        + " |",
+        "|---|" + "---|" * (2 * len(args.directions)),
+    ]
+    for row in rows:
+        ours = [mean_std(table1.get((augmented_setting(d), row), []), len(args.seeds))
+                for d in args.directions]  # fmt: skip
+        paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
+        lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
+    return lines
 
 
 def plot(args, table1, path: Path) -> None:
@@ -417,6 +496,17 @@ def parse_args(argv=None):
         metavar="ROW",
         help="which Table 1 rows to run (default: all; 'source only' always runs, the other "
         "rows start from its network)",
+    )
+    parser.add_argument(
+        "--augmented-rows",
+        nargs="+",
+        default=[],
+        choices=AUGMENTED_ROWS,
+        metavar="ROW",
+        help="also run these rows from source networks trained with source augmentation (not "
+        "in the paper): RandomAffine scaling the source digits toward the target's digit size, "
+        "'shrink' for USPS->MNIST, 'enlarge' for MNIST->USPS (TOWARD_TARGET_SIZE); a second "
+        "Table 1 in the report",
     )
     parser.add_argument(
         "--threads",
@@ -469,7 +559,7 @@ def main(argv=None) -> None:
         "adapt_iterations": args.adapt_iterations,
     }
     cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
-    workdir = weights_dir(Path(args.cache).parent / "weights", args.source_iterations)
+    workdir = Path(args.cache).parent / "weights"
     if args.report_only:
         table1, table2 = tables_from_cache(cache)
     else:

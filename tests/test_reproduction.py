@@ -121,9 +121,57 @@ def test_reproduce_rows_option_skips_unchosen_rows_but_always_trains_the_source(
             return 50.0
 
     bench.load_domains = lambda *a: (None, None)
-    (tmp_path / "USPS_MNIST_seed0.pt").write_bytes(b"")
+    (tmp_path / "source10000").mkdir()
+    (tmp_path / "source10000" / "USPS_MNIST_seed0.pt").write_bytes(b"")
     bench.run_table1(args, "reduced", Recorder(), tmp_path)
     assert calls == ["USPS->MNIST/source only/0", "USPS->MNIST/GAM (full)/0"]
+
+
+def test_augmented_rows_train_their_own_source_network_scaled_toward_the_target(tmp_path):
+    """--augmented-rows: a second source network per seed, trained with RandomAffine that
+    shrinks USPS digits (for MNIST) or enlarges MNIST digits (for USPS), kept apart from the
+    plain one, and the chosen rows adapted from it; the report shows them in their own table."""
+    bench = _benchmark()
+    args = bench.parse_args(
+        ["--rows", "ADDA", "--augmented-rows", "GAM (full)", "--seeds", "0",
+         "--source-iterations", "2000", "--report", str(tmp_path / "digits.md")]
+    )  # fmt: skip
+    runs = {}
+
+    class Recorder:
+        def get_or_run(self, key, run, *run_args):
+            runs[key] = run_args
+            return 90.0 if "+" in key else 80.0
+
+    bench.load_domains = lambda *a: (None, None)
+    for folder in ("source2000", "source2000_shrink", "source2000_enlarge"):
+        for tag in ("USPS_MNIST", "MNIST_USPS"):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / f"{tag}_seed0.pt").write_bytes(b"")
+    table1 = bench.run_table1(args, "reduced", Recorder(), tmp_path)
+    assert list(runs) == [
+        "MNIST->USPS/source only/0", "MNIST->USPS/ADDA/0",
+        "MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0",
+        "USPS->MNIST/source only/0", "USPS->MNIST/ADDA/0",
+        "USPS->MNIST +shrink/source only/0", "USPS->MNIST +shrink/GAM (full)/0",
+    ]  # fmt: skip
+    *_, weights, augment = runs["USPS->MNIST +shrink/source only/0"]
+    assert weights == tmp_path / "source2000_shrink" / "USPS_MNIST_seed0.pt"
+    assert augment.zoom == (0.7, 1.0)
+    *_, weights, augment = runs["MNIST->USPS +enlarge/source only/0"]
+    assert weights == tmp_path / "source2000_enlarge" / "MNIST_USPS_seed0.pt"
+    assert augment.zoom == (1.0, 1.4)
+    assert runs["USPS->MNIST/source only/0"][-1] is None  # the paper's rows: no augmentation
+    assert runs["USPS->MNIST +shrink/GAM (full)/0"][-1] == weights.parent.parent / (
+        "source2000_shrink/USPS_MNIST_seed0.pt"
+    )
+
+    bench.write_report(args, "reduced", table1, {}, "cmd", 1.0)
+    report = (tmp_path / "digits.md").read_text()
+    augmented = report.split("## Table 1 with an augmented source")[1]
+    assert "| GAM (full) | 90.0 | 90.0 | 95.7 ± 0.5 | 98.0 ± 0.5 |" in augmented
+    assert "| source only | 90.0 | 90.0 |" in augmented
+    assert "ADDA" not in augmented
 
 
 def test_confusion_benchmark_counts_true_by_predicted_and_names_the_largest_confusions():
