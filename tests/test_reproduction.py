@@ -220,3 +220,17 @@ def test_confusion_benchmark_adapts_each_source_network_with_several_seeds():
     keys = [confusion.run_key(j) for j in jobs]
     assert len(set(keys)) == 4
     assert keys[0] == "USPS->MNIST/10/2000/source2000"  # the first seed keeps the plain key
+
+
+def test_confusion_benchmark_names_the_source_augmentation_in_its_keys():
+    confusion = _load_benchmark("confusion")
+    assert confusion.parse_args([]).source_augment is None
+    assert confusion.parse_args(["--source-augment"]).source_augment == "shrink"  # bare flag
+    args = confusion.parse_args(
+        ["--source-augment", "enlarge", "--seeds", "10", "--source-iterations", "2000",
+         "--adaptation-seeds", "1"]
+    )  # fmt: skip
+    [job] = confusion.plan(args, "reduced")
+    assert confusion.run_key(job) == "USPS->MNIST/10/2000/source2000/enlarge"
+    with pytest.raises(SystemExit):
+        confusion.parse_args(["--source-augment", "stretch"])
