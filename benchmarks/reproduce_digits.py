@@ -459,24 +459,36 @@ def augmented_table(args, table1) -> list[str]:
 
 
 def plot(args, table1, path: Path) -> None:
+    """Bars of Table 1, one colour per direction; the augmented-source runs (hatched) beside
+    them where the cache holds them. A row a series has no run for gets no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = [(d, d, "") for d in args.directions]
+    series += [(augmented_setting(d), f"{d}, {TOWARD_TARGET_SIZE[d]} source", "//")
+               for d in args.directions
+               if any((augmented_setting(d), r) in table1 for r in AUGMENTED_ROWS)]  # fmt: skip
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    width = 0.8 / len(args.directions)
-    for i, direction in enumerate(args.directions):
-        runs = [table1.get((direction, r), [0.0]) for r in TABLE1_ROWS]
-        means = [statistics.mean(v) for v in runs]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0 for v in runs]
-        xs = [x + i * width for x in range(len(TABLE1_ROWS))]
-        ax.bar(xs, means, width, yerr=stds, label=direction, capsize=2)
-    ax.set_xticks([x + width * (len(args.directions) - 1) / 2 for x in range(len(TABLE1_ROWS))])
+    width = 0.8 / len(series)
+    for i, (setting, label, hatch) in enumerate(series):
+        rows = [(x, table1[(setting, r)]) for x, r in enumerate(TABLE1_ROWS)
+                if (setting, r) in table1]  # fmt: skip
+        xs = [x + i * width for x, _ in rows]
+        means = [statistics.mean(v) for _, v in rows]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in rows]
+        colour = f"C{i % len(args.directions)}"
+        edge = "white" if hatch else None
+        ax.bar(xs, means, width, yerr=stds, label=label, capsize=2, hatch=hatch, color=colour,
+               edgecolor=edge)  # fmt: skip
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(TABLE1_ROWS))])
     ax.set_xticklabels(TABLE1_ROWS, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("target accuracy (%)")
     ax.set_ylim(40, 100)
-    ax.legend()
+    ax.legend(
+        fontsize=7, ncol=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
