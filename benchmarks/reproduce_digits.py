@@ -263,7 +263,7 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
         tag = direction.replace("->", "_")
         augment = TOWARD_TARGET_SIZE[direction]
         plain = weights_dir(workdir, args.source_iterations)
-        settings = [(direction, None, args.rows)]
+        settings = [(direction, None, args.rows)] if args.rows else []
         if args.augmented_rows:
             settings.append((augmented_setting(direction), augment, args.augmented_rows))
         for seed in args.seeds:
@@ -502,12 +502,13 @@ def parse_args(argv=None):
     parser.add_argument("--adapt-iterations", type=int, default=10000)
     parser.add_argument(
         "--rows",
-        nargs="+",
+        nargs="*",
         default=TABLE1_ROWS,
         choices=TABLE1_ROWS,
         metavar="ROW",
-        help="which Table 1 rows to run (default: all; 'source only' always runs, the other "
-        "rows start from its network)",
+        help="which Table 1 rows to run (default: all; 'source only' runs whenever another row "
+        "does, they start from its network); none (a bare --rows) with --augmented-rows runs "
+        "only those",
     )
     parser.add_argument(
         "--augmented-rows",

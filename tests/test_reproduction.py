@@ -234,3 +234,22 @@ def test_confusion_benchmark_names_the_source_augmentation_in_its_keys():
     assert confusion.run_key(job) == "USPS->MNIST/10/2000/source2000/enlarge"
     with pytest.raises(SystemExit):
         confusion.parse_args(["--source-augment", "stretch"])
+
+
+def test_bare_rows_with_augmented_rows_runs_no_plain_source_network(tmp_path):
+    bench = _benchmark()
+    args = bench.parse_args(["--rows", "--augmented-rows", "GAM (full)", "--seeds", "0",
+                             "--directions", "MNIST->USPS"])  # fmt: skip
+    calls = []
+
+    class Recorder:
+        def get_or_run(self, key, run, *run_args):
+            calls.append(key)
+            return 90.0
+
+    bench.load_domains = lambda *a: (None, None)
+    (tmp_path / "source10000_enlarge").mkdir()
+    (tmp_path / "source10000_enlarge" / "MNIST_USPS_seed0.pt").write_bytes(b"")
+    bench.run_table1(args, "reduced", Recorder(), tmp_path)
+    assert calls == ["MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0"]
+    assert not (tmp_path / "source10000" / "MNIST_USPS_seed0.pt").exists()
