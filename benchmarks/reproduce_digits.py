@@ -16,7 +16,9 @@ protocol: source = one test set, target = the other. Both are transductive like 
 code: the target images adapted to are the ones scored. Every figure is the final checkpoint's:
 no model selection on target labels.
 
-Results are cached per (setting, row, seed) in a JSON file, so an interrupted run resumes.
+Results are cached per (setting, row, seed) in a JSON file, one per iteration counts and
+protocol (benchmarks/.cache/digits_source2000_adapt2000_reduced.json), so an interrupted run
+resumes and a run with other settings never replaces them.
 """
 
 from __future__ import annotations
@@ -535,13 +537,24 @@ def parse_args(argv=None):
         help="seeds for Table 2 (default: --seeds); fewer to save time",
     )
     parser.add_argument("--report", default="docs/results/digits.md")
-    parser.add_argument("--cache", default="benchmarks/.cache/digits.json")
+    parser.add_argument(
+        "--cache",
+        help="the results cache (default: benchmarks/.cache/digits_source<S>_adapt<A>_"
+        "<protocol>.json, one file per setting, so runs with other iteration counts never "
+        "replace these)",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="write the report from the runs cached so far (cells show n when incomplete)",
     )
     return parser.parse_args(argv)
+
+
+def default_cache(args, protocol: str) -> Path:
+    """The cache file of this setting, e.g. .cache/digits_source2000_adapt2000_reduced.json."""
+    name = f"digits_source{args.source_iterations}_adapt{args.adapt_iterations}_{protocol}.json"
+    return Path("benchmarks/.cache") / name
 
 
 def _result_arguments(argv: list[str]) -> list[str]:
@@ -571,8 +584,9 @@ def main(argv=None) -> None:
         "source_iterations": args.source_iterations,
         "adapt_iterations": args.adapt_iterations,
     }
-    cache = ResultCache(Path(args.cache), {"config": {**config, "protocol": protocol}})
-    workdir = Path(args.cache).parent / "weights"
+    cache_path = Path(args.cache or default_cache(args, protocol))
+    cache = ResultCache(cache_path, {"config": {**config, "protocol": protocol}})
+    workdir = cache_path.parent / "weights"
     if args.report_only:
         table1, table2 = tables_from_cache(cache)
     else:

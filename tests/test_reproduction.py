@@ -253,3 +253,12 @@ def test_bare_rows_with_augmented_rows_runs_no_plain_source_network(tmp_path):
     bench.run_table1(args, "reduced", Recorder(), tmp_path)
     assert calls == ["MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0"]
     assert not (tmp_path / "source10000" / "MNIST_USPS_seed0.pt").exists()
+
+
+def test_default_cache_is_one_file_per_setting_so_other_settings_never_replace_it():
+    bench = _benchmark()
+    paper = bench.parse_args([])  # the paper's 10,000 iterations
+    short = bench.parse_args(["--source-iterations", "2000", "--adapt-iterations", "2000"])
+    assert bench.default_cache(short, "reduced").name == "digits_source2000_adapt2000_reduced.json"
+    assert bench.default_cache(paper, "reduced") != bench.default_cache(short, "reduced")
+    assert bench.default_cache(short, "paper") != bench.default_cache(short, "reduced")
