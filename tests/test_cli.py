@@ -169,3 +169,20 @@ def test_source_augmentation_is_configurable_from_the_command_line(capsys):
     augment = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["augment"]
     assert augment["class_path"] == "dam_lightning.data.RandomAffine"
     assert augment["init_args"]["zoom"] == [0.6, 1.0]
+
+
+def test_augmentation_flags_in_the_mnist_usps_source_config_comment_work(capsys):
+    """configs/mnist_usps_source.yaml shows in a comment the flags that enlarge the source
+    digits; given as written there, they must parse to RandomAffine with that zoom."""
+    import shlex
+
+    text = (REPO / "configs" / "mnist_usps_source.yaml").read_text()
+    flags = [arg for line in text.splitlines() if line.startswith("#   --model.init_args.augment")
+             for arg in shlex.split(line[1:])]  # fmt: skip
+    assert len(flags) == 4
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/mnist_usps_source.yaml"), *flags,
+              "--print_config"])  # fmt: skip
+    augment = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["augment"]
+    assert augment["class_path"] == "dam_lightning.data.RandomAffine"
+    assert augment["init_args"]["zoom"] == [1.0, 1.4]
