@@ -383,23 +383,8 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
         "Accuracy (%) of the final network on the target; mean ± std over seeds. The "
         "supervised row trains on the labels of half of the target images and scores the other "
         "half.",
-        "",
-        "## Table 1",
-        "",
-        "| approach | "
-        + " | ".join(f"{d} (ours)" for d in args.directions)
-        + " | "
-        + " | ".join(f"{d} (paper)" for d in args.directions)
-        + " |",
-        "|---|" + "---|" * (2 * len(args.directions)),
     ]
-    for row in TABLE1_ROWS:
-        ours = [
-            mean_std(table1[(d, row)], len(args.seeds)) if (d, row) in table1 else "-"
-            for d in args.directions
-        ]
-        paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
-        lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
+    lines += plain_table(args, table1)
     lines += augmented_table(args, table1)
     if table2:
         lines += [
@@ -422,6 +407,28 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines))
     plot(args, table1, Path(args.report).with_suffix(".png"))
+
+
+def plain_table(args, table1) -> list[str]:
+    """Report lines of Table 1 (no source augmentation); none when no such run was made."""
+    if not any((d, r) in table1 for d in args.directions for r in TABLE1_ROWS):
+        return []
+    lines = [
+        "",
+        "## Table 1",
+        "",
+        "| approach | "
+        + " | ".join(f"{d} (ours)" for d in args.directions)
+        + " | "
+        + " | ".join(f"{d} (paper)" for d in args.directions)
+        + " |",
+        "|---|" + "---|" * (2 * len(args.directions)),
+    ]
+    for row in TABLE1_ROWS:
+        ours = [mean_std(table1.get((d, row), []), len(args.seeds)) for d in args.directions]
+        paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
+        lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
+    return lines
 
 
 def augmented_table(args, table1) -> list[str]:
@@ -468,19 +475,18 @@ def plot(args, table1, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(d, d, "") for d in args.directions]
-    series += [(augmented_setting(d), f"{d}, {TOWARD_TARGET_SIZE[d]} source", "//")
-               for d in args.directions
-               if any((augmented_setting(d), r) in table1 for r in AUGMENTED_ROWS)]  # fmt: skip
+    series = [(d, d, "", f"C{i}") for i, d in enumerate(args.directions)]
+    series += [(augmented_setting(d), f"{d}, {TOWARD_TARGET_SIZE[d]} source", "//", f"C{i}")
+               for i, d in enumerate(args.directions)]  # fmt: skip
+    series = [s for s in series if any((s[0], r) in table1 for r in TABLE1_ROWS)]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(series)
-    for i, (setting, label, hatch) in enumerate(series):
+    for i, (setting, label, hatch, colour) in enumerate(series):
         rows = [(x, table1[(setting, r)]) for x, r in enumerate(TABLE1_ROWS)
                 if (setting, r) in table1]  # fmt: skip
         xs = [x + i * width for x, _ in rows]
         means = [statistics.mean(v) for _, v in rows]
         stds = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in rows]
-        colour = f"C{i % len(args.directions)}"
         edge = "white" if hatch else None
         ax.bar(xs, means, width, yerr=stds, label=label, capsize=2, hatch=hatch, color=colour,
                edgecolor=edge)  # fmt: skip

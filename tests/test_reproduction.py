@@ -250,9 +250,14 @@ def test_bare_rows_with_augmented_rows_runs_no_plain_source_network(tmp_path):
     bench.load_domains = lambda *a: (None, None)
     (tmp_path / "source10000_enlarge").mkdir()
     (tmp_path / "source10000_enlarge" / "MNIST_USPS_seed0.pt").write_bytes(b"")
-    bench.run_table1(args, "reduced", Recorder(), tmp_path)
+    table1 = bench.run_table1(args, "reduced", Recorder(), tmp_path)
     assert calls == ["MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0"]
     assert not (tmp_path / "source10000" / "MNIST_USPS_seed0.pt").exists()
+    args.report = str(tmp_path / "digits.md")
+    bench.write_report(args, "reduced", table1, {}, "cmd", 1.0)
+    report = (tmp_path / "digits.md").read_text()
+    assert "## Table 1\n" not in report  # no empty paper-recipe table
+    assert "| GAM (full) | 90.0 | 95.7 ± 0.5 |" in report
 
 
 def test_default_cache_is_one_file_per_setting_so_other_settings_never_replace_it():
