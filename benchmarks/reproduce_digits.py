@@ -263,17 +263,17 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
     for direction in args.directions:
         source, target = load_domains(direction, args.root, protocol)
         tag = direction.replace("->", "_")
-        augment = TOWARD_TARGET_SIZE[direction]
         plain = weights_dir(workdir, args.source_iterations)
-        settings = [(direction, None, args.rows)] if args.rows else []
+        settings = [(direction, None, args.rows)] if args.rows else []  # (setting, augment, rows)
         if args.augmented_rows:
+            augment = TOWARD_TARGET_SIZE[direction]
             settings.append((augmented_setting(direction), augment, args.augmented_rows))
         for seed in args.seeds:
-            for setting, augmentation, rows in settings:
-                folder = weights_dir(workdir, source_schedule(args.source_iterations, augmentation))
+            for setting, augment, rows in settings:
+                folder = weights_dir(workdir, source_schedule(args.source_iterations, augment))
                 weights = source_weights(folder, direction, seed)
                 values = run_rows(args, cache, setting, rows, source, target, seed, weights,
-                                  augmentation)  # fmt: skip
+                                  augment)  # fmt: skip
                 for name, value in values.items():
                     results.setdefault((setting, name), []).append(value)
             if "supervised on target" not in args.rows:
@@ -403,7 +403,7 @@ def write_report(args, protocol, table1, table2, command: str, compute_minutes: 
             lines.append(
                 f"| {setting} | {before} | {after} | " + " | ".join(PAPER_TABLE2[setting]) + " |"
             )
-    lines += ["", "![Table 1](digits.png)", ""]
+    lines += ["", f"![Table 1]({Path(args.report).with_suffix('.png').name})", ""]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines))
     plot(args, table1, Path(args.report).with_suffix(".png"))
