@@ -413,22 +413,7 @@ def plain_table(args, table1) -> list[str]:
     """Report lines of Table 1 (no source augmentation); none when no such run was made."""
     if not any((d, r) in table1 for d in args.directions for r in TABLE1_ROWS):
         return []
-    lines = [
-        "",
-        "## Table 1",
-        "",
-        "| approach | "
-        + " | ".join(f"{d} (ours)" for d in args.directions)
-        + " | "
-        + " | ".join(f"{d} (paper)" for d in args.directions)
-        + " |",
-        "|---|" + "---|" * (2 * len(args.directions)),
-    ]
-    for row in TABLE1_ROWS:
-        ours = [mean_std(table1.get((d, row), []), len(args.seeds)) for d in args.directions]
-        paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
-        lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")
-    return lines
+    return ["", "## Table 1", "", *comparison_table(args, table1, TABLE1_ROWS, str, str)]
 
 
 def augmented_table(args, table1) -> list[str]:
@@ -437,30 +422,39 @@ def augmented_table(args, table1) -> list[str]:
             if any((augmented_setting(d), r) in table1 for d in args.directions)]  # fmt: skip
     if not rows:
         return []
-    lines = [
+    zooms = "; ".join(
+        f"{d}: {TOWARD_TARGET_SIZE[d]}, zoom {SOURCE_AUGMENTATIONS[TOWARD_TARGET_SIZE[d]]['zoom']}"
+        for d in args.directions
+    )
+    return [
         "",
         "## Table 1 with an augmented source (not in the paper)",
         "",
         "The same rows from source networks trained with dam_lightning.data.RandomAffine: every "
         "source image scaled toward the target's digit size (USPS digits fill the frame, MNIST "
         "digits its middle 20x20), rotated by up to 10 degrees and shifted by up to 1.4 pixels. "
-        + "; ".join(
-            f"{d}: {TOWARD_TARGET_SIZE[d]}, zoom "
-            f"{SOURCE_AUGMENTATIONS[TOWARD_TARGET_SIZE[d]]['zoom']}"
-            for d in args.directions
-        )
-        + ". No target label is used; adaptation itself is unchanged. Seeds and iterations as "
-        "above.",
+        f"{zooms}. No target label is used; adaptation itself is unchanged. Seeds and "
+        "iterations as above.",
         "",
+        *comparison_table(
+            args, table1, rows, augmented_setting, lambda d: f"{d}, {TOWARD_TARGET_SIZE[d]}"
+        ),  # fmt: skip
+    ]
+
+
+def comparison_table(args, table1, rows, setting, column) -> list[str]:
+    """A Markdown table of ``rows``: per direction ``d`` our mean ± std of the runs of
+    ``setting(d)`` (column ``column(d)``), then the paper's figures."""
+    lines = [
         "| approach | "
-        + " | ".join(f"{d}, {TOWARD_TARGET_SIZE[d]} (ours)" for d in args.directions)
+        + " | ".join(f"{column(d)} (ours)" for d in args.directions)
         + " | "
         + " | ".join(f"{d} (paper)" for d in args.directions)
         + " |",
         "|---|" + "---|" * (2 * len(args.directions)),
     ]
     for row in rows:
-        ours = [mean_std(table1.get((augmented_setting(d), row), []), len(args.seeds))
+        ours = [mean_std(table1.get((setting(d), row), []), len(args.seeds))
                 for d in args.directions]  # fmt: skip
         paper = [PAPER_TABLE1[d].get(row, "-") for d in args.directions]
         lines.append(f"| {row} | " + " | ".join(ours + paper) + " |")

@@ -25,6 +25,18 @@ def _benchmark():
     return _load_benchmark("reproduce_digits")
 
 
+class RecordingCache:
+    """Stands in for ResultCache: records each run's key and arguments instead of running it,
+    and answers 90.0 for augmented-source runs (keys with "+"), 80.0 for the others."""
+
+    def __init__(self):
+        self.runs: dict = {}
+
+    def get_or_run(self, key, run, *run_args):
+        self.runs[key] = run_args
+        return 90.0 if "+" in key else 80.0
+
+
 @pytest.mark.slow
 def test_gam_beats_source_only_on_usps_to_mnist(tmp_path):
     if not SHARED_DIGITS.is_dir():
@@ -113,18 +125,12 @@ def test_result_cache_shared_by_two_calls_keeps_both_calls_runs(tmp_path):
 def test_reproduce_rows_option_skips_unchosen_rows_but_always_trains_the_source(tmp_path):
     bench = _benchmark()
     args = bench.parse_args(["--rows", "GAM (full)", "--seeds", "0", "--directions", "USPS->MNIST"])
-    calls = []
-
-    class Recorder:
-        def get_or_run(self, key, run, *run_args):
-            calls.append(key)
-            return 50.0
-
+    cache = RecordingCache()
     bench.load_domains = lambda *a: (None, None)
     (tmp_path / "source10000").mkdir()
     (tmp_path / "source10000" / "USPS_MNIST_seed0.pt").write_bytes(b"")
-    bench.run_table1(args, "reduced", Recorder(), tmp_path)
-    assert calls == ["USPS->MNIST/source only/0", "USPS->MNIST/GAM (full)/0"]
+    bench.run_table1(args, "reduced", cache, tmp_path)
+    assert list(cache.runs) == ["USPS->MNIST/source only/0", "USPS->MNIST/GAM (full)/0"]
 
 
 def test_augmented_rows_train_their_own_source_network_scaled_toward_the_target(tmp_path):
@@ -136,19 +142,14 @@ def test_augmented_rows_train_their_own_source_network_scaled_toward_the_target(
         ["--rows", "ADDA", "--augmented-rows", "GAM (full)", "--seeds", "0",
          "--source-iterations", "2000", "--report", str(tmp_path / "digits.md")]
     )  # fmt: skip
-    runs = {}
-
-    class Recorder:
-        def get_or_run(self, key, run, *run_args):
-            runs[key] = run_args
-            return 90.0 if "+" in key else 80.0
-
+    cache = RecordingCache()
+    runs = cache.runs
     bench.load_domains = lambda *a: (None, None)
     for folder in ("source2000", "source2000_shrink", "source2000_enlarge"):
         for tag in ("USPS_MNIST", "MNIST_USPS"):
             (tmp_path / folder).mkdir(exist_ok=True)
             (tmp_path / folder / f"{tag}_seed0.pt").write_bytes(b"")
-    table1 = bench.run_table1(args, "reduced", Recorder(), tmp_path)
+    table1 = bench.run_table1(args, "reduced", cache, tmp_path)
     assert list(runs) == [
         "MNIST->USPS/source only/0", "MNIST->USPS/ADDA/0",
         "MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0",
@@ -240,18 +241,15 @@ def test_bare_rows_with_augmented_rows_runs_no_plain_source_network(tmp_path):
     bench = _benchmark()
     args = bench.parse_args(["--rows", "--augmented-rows", "GAM (full)", "--seeds", "0",
                              "--directions", "MNIST->USPS"])  # fmt: skip
-    calls = []
-
-    class Recorder:
-        def get_or_run(self, key, run, *run_args):
-            calls.append(key)
-            return 90.0
-
+    cache = RecordingCache()
     bench.load_domains = lambda *a: (None, None)
     (tmp_path / "source10000_enlarge").mkdir()
     (tmp_path / "source10000_enlarge" / "MNIST_USPS_seed0.pt").write_bytes(b"")
-    table1 = bench.run_table1(args, "reduced", Recorder(), tmp_path)
-    assert calls == ["MNIST->USPS +enlarge/source only/0", "MNIST->USPS +enlarge/GAM (full)/0"]
+    table1 = bench.run_table1(args, "reduced", cache, tmp_path)
+    assert list(cache.runs) == [
+        "MNIST->USPS +enlarge/source only/0",
+        "MNIST->USPS +enlarge/GAM (full)/0",
+    ]
     assert not (tmp_path / "source10000" / "MNIST_USPS_seed0.pt").exists()
     args.report = str(tmp_path / "digits.md")
     bench.write_report(args, "reduced", table1, {}, "cmd", 1.0)
