@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark scripts
 import gaussian_ablation as A  # noqa: E402
@@ -41,13 +42,12 @@ from dam_lightning.models import LeNet  # noqa: E402
 
 @torch.no_grad()
 def confusion_matrix(net: torch.nn.Module, data, num_classes: int = 10) -> torch.Tensor:
-    """Counts ``[true, predicted]`` of ``net`` (in eval mode) on ``data``."""
+    """Counts ``[true, predicted]`` of ``net`` (in eval mode) on ``data`` (torchmetrics)."""
     net.eval()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    counts = MulticlassConfusionMatrix(num_classes, validate_args=False)
     for x, y in DataLoader(data, batch_size=1000):
-        predicted = net(x).argmax(dim=1)
-        counts += torch.bincount(y * num_classes + predicted, minlength=num_classes**2)
-    return counts.view(num_classes, num_classes)
+        counts.update(net(x).argmax(dim=1), y)
+    return counts.compute()
 
 
 def class_accuracy(confusion: torch.Tensor) -> list[float]:

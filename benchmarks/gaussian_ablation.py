@@ -114,9 +114,8 @@ def source_network(job: dict, source, target) -> Path:
     ``job["augment"]``: a name in reproduce_digits.SOURCE_AUGMENTATIONS, or None), trained first
     when its file is absent."""
     augment = job.get("augment")
-    schedule = R.source_schedule(job["source_iterations"], augment)
-    weights = R.source_weights(R.weights_dir(job["workdir"], schedule), job["direction"],
-                               job["seed"])  # fmt: skip
+    weights = R.source_weights(job["workdir"], job["direction"], job["seed"],
+                               job["source_iterations"], augment)  # fmt: skip
     if not weights.exists():
         R.train_supervised(source, target, job["seed"], job["source_iterations"], weights,
                            augment=R.source_augmentation(augment))  # fmt: skip

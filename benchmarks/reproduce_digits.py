@@ -154,9 +154,13 @@ def weights_dir(folder: Path, schedule: int | str) -> Path:
     return path
 
 
-def source_weights(folder: Path, direction: str, seed: int) -> Path:
-    """The file of the source network of ``direction`` and ``seed`` in a schedule's folder."""
-    return Path(folder) / f"{direction.replace('->', '_')}_seed{seed}.pt"
+def source_weights(
+    workdir: Path, direction: str, seed: int, iterations: int, augment: str | None = None
+) -> Path:
+    """The file of the source network of ``direction`` and ``seed`` trained for ``iterations``
+    with ``augment`` (a SOURCE_AUGMENTATIONS name or None), in its schedule's folder."""
+    folder = weights_dir(workdir, source_schedule(iterations, augment))
+    return folder / f"{direction.replace('->', '_')}_seed{seed}.pt"
 
 
 def train_supervised(
@@ -270,8 +274,7 @@ def run_table1(args, protocol: str, cache: ResultCache, workdir: Path) -> dict:
             settings.append((augmented_setting(direction), augment, args.augmented_rows))
         for seed in args.seeds:
             for setting, augment, rows in settings:
-                folder = weights_dir(workdir, source_schedule(args.source_iterations, augment))
-                weights = source_weights(folder, direction, seed)
+                weights = source_weights(workdir, direction, seed, args.source_iterations, augment)
                 values = run_rows(args, cache, setting, rows, source, target, seed, weights,
                                   augment)  # fmt: skip
                 for name, value in values.items():
