@@ -1,6 +1,7 @@
 """``python -m dam_lightning {fit,validate,test,predict} --config FILE``: the LightningCLI.
 
-Adds what the stock CLI lacks for this library: ``num_classes`` flows from the data to the model,
+Adds what the stock CLI lacks for this library: ``num_classes``, the task (classification or
+segmentation) and the class names flow from the data to the model,
 optimisers are module arguments (GAM has two), and the run config is saved into the run's own
 folder (and W&B) instead of failing on the second run that shares a save_dir.
 """
@@ -56,9 +57,9 @@ class DamCLI(LightningCLI):
     """LightningCLI for dam_lightning modules and ``DomainAdaptationDataModule``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
+        # What the data is decides the task: a config names a dataset and a network only.
+        for name in ("num_classes", "task", "class_names", "class_subsets"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
 def main(args=None) -> None:

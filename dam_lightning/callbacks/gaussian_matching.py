@@ -77,7 +77,7 @@ class GaussianMatching(L.Callback):
                     f"GaussianMatching needs a module with source_net and target_net "
                     f"(GAMAdaptModule); {type(pl_module).__name__} has no {attribute}"
                 )
-        if not hasattr(trainer.datamodule, "calibration_batches"):
+        if not hasattr(trainer.datamodule, "calibration_loader"):
             raise TypeError("GaussianMatching needs a DomainAdaptationDataModule")
         self._source_stats = None
 
@@ -120,11 +120,23 @@ class GaussianMatching(L.Callback):
     def _layer_names(self, pl_module) -> list[str]:
         return self.layers if self.layers is not None else foldable_layers(pl_module.target_net)
 
-    def _batches(self, trainer: L.Trainer, pl_module, domain: str):
-        batches = trainer.datamodule.calibration_batches(
+    def _batches(self, trainer: L.Trainer, pl_module, domain: str) -> OnDevice:
+        loader = trainer.datamodule.calibration_loader(
             domain, self.calibration_batches, trainer.global_rank, trainer.world_size
         )
-        return [b.to(pl_module.device) for b in batches]
+        return OnDevice(loader, pl_module.device)
+
+
+class OnDevice:
+    """Re-iterable: each pass streams the loader's batches to ``device`` one at a time, so
+    only the batch in use (not the whole calibration set) lives on the accelerator."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch.to(self.device, non_blocking=True)
 
 
 def _average(report: GaussianMatchingReport, gap: str) -> float:

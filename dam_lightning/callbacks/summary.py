@@ -20,7 +20,9 @@ from dam_lightning.runs import atomic_write_text, run_directory
 class AdaptationSummary(L.Callback):
     """Evaluate on the target validation set at each milestone; print and save the table.
 
-    Writes ``summary.md`` and ``summary.json`` into the run directory (beside ``checkpoints/``)
+    Writes ``summary.md`` (the task's few summary columns: accuracy for digits; pixel
+    accuracy, class accuracy, mIoU and worst-class IoU for segmentation) and ``summary.json``
+    (every metric, per-class IoUs included) into the run directory (beside ``checkpoints/``)
     and logs ``summary/<milestone>/<metric>``. Survives resuming: the rows measured before the
     interruption are stored in the checkpoint.
 
@@ -68,7 +70,8 @@ class AdaptationSummary(L.Callback):
     @rank_zero_only
     def _report(self, trainer: L.Trainer) -> None:
         dataset = trainer.datamodule.target_val
-        table = format_table(self.rows, f"Target metrics on {dataset!r}")
+        columns = trainer.lightning_module.task.summary_columns
+        table = format_table(self.rows, f"Target metrics on {dataset!r}", columns)
         print("\n" + table, flush=True)
         folder = run_directory(trainer)
         atomic_write_text(os.path.join(folder, "summary.md"), table + "\n")
@@ -83,9 +86,12 @@ class AdaptationSummary(L.Callback):
         self.rows = dict(state_dict["rows"])
 
 
-def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
-    """A Markdown table, one row per milestone, metrics in percent."""
-    metrics = sorted({name for row in rows.values() for name in row})
+def format_table(
+    rows: dict[str, dict[str, float]], title: str, columns: tuple[str, ...] | None = None
+) -> str:
+    """A Markdown table, one row per milestone, metrics in percent; ``columns`` picks and
+    orders the metrics shown (default: all, sorted)."""
+    metrics = list(columns) if columns else sorted({n for row in rows.values() for n in row})
     width = max([len("stage")] + [len(stage) for stage in rows])
     cell = {m: max(6, len(m)) for m in metrics}
     lines = [

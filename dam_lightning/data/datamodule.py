@@ -11,13 +11,17 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 DOMAINS = ("source", "target")
 
 
 class Unlabelled(Dataset):
-    """A view of a labelled dataset that returns only the input: target labels never train."""
+    """A view of a dataset that returns only the input: target labels never train.
+
+    Items may be an image tensor (an unlabelled set, e.g. ``Cityscapes(labelled=False)``) or an
+    ``(image, label)`` tuple or list; anything else is refused with a message.
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -26,7 +30,35 @@ class Unlabelled(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return self.dataset[index][0]
+        return input_of(self.dataset[index], self.dataset)
+
+
+def input_of(item, dataset=None) -> torch.Tensor:
+    """The input of one dataset item: the item itself if it is a tensor, else ``item[0]`` of an
+    ``(x, y)`` tuple or list.
+
+    Example:
+        >>> input_of((torch.zeros(2), 1)).shape, input_of(torch.ones(3)).shape
+        (torch.Size([2]), torch.Size([3]))
+    """
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) in (1, 2) and torch.is_tensor(item[0]):
+        return item[0]
+    raise TypeError(
+        f"{dataset!r} returned a {type(item).__name__} item; a domain-adaptation dataset must "
+        "return an image tensor or an (image, label) tuple or list"
+    )
+
+
+def dataset_attribute(dataset, name: str, default=None):
+    """``dataset.name``, looking through ``Subset``-style wrappers (``.dataset``) when the
+    wrapper does not set it itself."""
+    while dataset is not None:
+        if hasattr(dataset, name):
+            return getattr(dataset, name)
+        dataset = getattr(dataset, "dataset", None)
+    return default
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -117,6 +149,24 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             raise ValueError(f"the datasets disagree on the number of classes: {counts}")
 
     @property
+    def task(self) -> str:
+        """``"classification"`` or ``"segmentation"``: the source dataset's ``task`` attribute
+        (default classification). The CLI links it to the module's ``task``."""
+        return dataset_attribute(self.source, "task", "classification")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The source dataset's ``classes`` (class names in index order), if it has them."""
+        names = dataset_attribute(self.source, "classes")
+        return None if names is None else list(names)
+
+    @property
+    def class_subsets(self) -> dict[str, list[str]] | None:
+        """Named class subsets scored by their own mIoU (SYNTHIA: 16 and 13 classes)."""
+        subsets = dataset_attribute(self.source, "class_subsets")
+        return {k: list(v) for k, v in subsets.items()} if subsets else None
+
+    @property
     def num_classes(self) -> int:
         """Number of classes, read from the source dataset's ``num_classes``."""
         n = _num_classes(self.source)
@@ -170,31 +220,44 @@ class DomainAdaptationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.target_test, self.batch_sizes["eval"], None)
 
-    def calibration_batches(
+    def calibration_loader(
         self, domain: str, num_batches: int, rank: int = 0, world_size: int = 1
-    ) -> list[torch.Tensor]:
-        """Input batches for Gaussian matching: a fixed random subset of the training images.
+    ) -> DataLoader:
+        """Input batches for Gaussian matching: a fixed random subset of the training images,
+        through a DataLoader (decoded in workers) with the evaluation transforms.
 
         The subset depends only on ``seed`` (the same at every epoch, so statistics are
-        comparable and a resumed run matches). Under DDP each rank takes its own batches.
+        comparable and a resumed run matches); a dataset with an ``eval_view()`` (the
+        segmentation datasets) is read without its random training augmentation, so the
+        batches are the same at every epoch too. Under DDP each rank takes its own batches.
         """
-        dataset = {"source": self.source, "target": Unlabelled(self.target)}[domain]
+        dataset = {"source": self.source, "target": self.target}[domain]
+        view = dataset.eval_view() if hasattr(dataset, "eval_view") else dataset
         batch_size = self.batch_sizes[domain]
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
-        batches = []
-        for b in range(rank, num_batches * world_size, world_size):
-            indices = order[b * batch_size : (b + 1) * batch_size].tolist()
-            if not indices:
-                break
-            items = [dataset[i] for i in indices]
-            batches.append(torch.stack([x[0] if isinstance(x, tuple) else x for x in items]))
-        if not batches:
+        indices = [
+            i
+            for b in range(rank, num_batches * world_size, world_size)
+            for i in order[b * batch_size : (b + 1) * batch_size].tolist()
+        ]
+        if not indices:
             raise ValueError(
                 f"no {domain} calibration batch for rank {rank}: the {domain} set has "
                 f"{len(dataset)} images, fewer than world_size x batch size"
             )
-        return batches
+        return DataLoader(
+            Unlabelled(Subset(view, indices)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
+
+    def calibration_batches(
+        self, domain: str, num_batches: int, rank: int = 0, world_size: int = 1
+    ) -> list[torch.Tensor]:
+        """The batches of ``calibration_loader``, as a list of CPU tensors."""
+        return list(self.calibration_loader(domain, num_batches, rank, world_size))
 
 
 def _num_classes(dataset: Dataset | None) -> int | None:
-    return getattr(dataset, "num_classes", None)
+    return dataset_attribute(dataset, "num_classes")

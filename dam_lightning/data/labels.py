@@ -1,7 +1,116 @@
 """Class tables: the single source of truth for class names, id maps and palettes.
 
-Every dataset, metric and figure reads its classes from here; nothing else defines a class list.
+Every dataset, metric, prediction writer and figure reads its classes from here; nothing else
+defines a class list. Id maps are 256-entry lookup tables applied with one indexing operation
+(``lut[label]``), never a Python loop over classes.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
 
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 """The ten digit classes shared by MNIST, USPS, SynDigits and UCIDigits; index == digit."""
+
+IGNORE_INDEX = 255
+"""Label value of pixels that are neither trained on nor scored (Cityscapes' trainId 255)."""
+
+# ---- Cityscapes (the target domain of the segmentation benchmarks) -------------------------------
+
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+"""The 19 evaluated Cityscapes classes, in trainId order (index == trainId)."""
+
+CITYSCAPES_LABEL_IDS: tuple[int, ...] = (
+    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33,
+)  # fmt: skip
+"""The Cityscapes labelId of each trainId (``CITYSCAPES_LABEL_IDS[train_id]``); every other
+labelId (void, ground, parking, guard rail, ...) is ignored (trainId 255)."""
+
+CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+"""The official Cityscapes colour of each trainId (RGB)."""
+
+IGNORE_COLOUR = (0, 0, 0)
+"""Colour of ignored pixels (trainId 255) in colour masks."""
+
+SYNTHIA_TO_CITYSCAPES: dict[int, int] = {
+    1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6,
+    17: 12, 19: 15, 21: 3,
+}  # fmt: skip
+"""SYNTHIA-RAND-CITYSCAPES class id -> Cityscapes trainId (16 classes); all others ignored."""
+
+SYNTHIA_16_CLASSES: tuple[str, ...] = tuple(
+    c for c in CITYSCAPES_CLASSES if c not in ("terrain", "truck", "train")
+)
+"""The 16 classes SYNTHIA -> Cityscapes is scored on: the 19 without terrain, truck, train."""
+
+SYNTHIA_13_CLASSES: tuple[str, ...] = tuple(
+    c for c in SYNTHIA_16_CLASSES if c not in ("wall", "fence", "pole")
+)
+"""The 13-class SYNTHIA protocol: the 16 without wall, fence and pole."""
+
+
+def lookup_table(mapping: Mapping[int, int], size: int = 256, fill: int = IGNORE_INDEX) -> Tensor:
+    """A ``size``-entry int64 table with ``table[k] = mapping[k]`` and ``fill`` elsewhere.
+
+    Example:
+        >>> lut = lookup_table({7: 0, 8: 1})
+        >>> lut[torch.tensor([[7, 8], [0, 33]])].tolist()
+        [[0, 1], [255, 255]]
+    """
+    table = torch.full((size,), fill, dtype=torch.int64)
+    for key, value in mapping.items():
+        if not 0 <= key < size:
+            raise ValueError(f"id {key} does not fit a {size}-entry lookup table")
+        table[key] = value
+    return table
+
+
+CITYSCAPES_ID_TO_TRAIN_ID: Tensor = lookup_table(
+    {label_id: train_id for train_id, label_id in enumerate(CITYSCAPES_LABEL_IDS)}
+)
+"""Cityscapes labelId -> trainId (GTA5 labels hold Cityscapes labelIds too)."""
+
+TRAIN_ID_TO_CITYSCAPES_ID: Tensor = lookup_table(dict(enumerate(CITYSCAPES_LABEL_IDS)), fill=0)
+"""trainId -> Cityscapes labelId, for PNGs the Cityscapes benchmark accepts (255 -> 0, void)."""
+
+SYNTHIA_ID_TO_TRAIN_ID: Tensor = lookup_table(SYNTHIA_TO_CITYSCAPES)
+"""SYNTHIA class id -> Cityscapes trainId."""
+
+
+def class_indices(subset: tuple[str, ...] | list[str], classes: tuple[str, ...]) -> list[int]:
+    """Indices of the ``subset`` class names in ``classes``, refusing unknown names.
+
+    Example:
+        >>> class_indices(["sky", "road"], CITYSCAPES_CLASSES)
+        [10, 0]
+    """
+    unknown = [name for name in subset if name not in classes]
+    if unknown:
+        raise ValueError(f"unknown class names {unknown}; the classes are {list(classes)}")
+    return [classes.index(name) for name in subset]
+
+
+def colour_table(
+    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE,
+) -> Tensor:
+    """A (256, 3) uint8 table: ``colour_table()[train_ids]`` colours a mask, 255 -> black.
+
+    Example:
+        >>> colour_table()[torch.tensor([0, 255])].tolist()
+        [[128, 64, 128], [0, 0, 0]]
+    """
+    table = torch.tensor([IGNORE_COLOUR] * 256, dtype=torch.uint8)
+    table[: len(palette)] = torch.tensor(palette, dtype=torch.uint8)
+    return table

@@ -11,12 +11,26 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 
+OUTPUT = "output"
+"""The tap name of the network's own output (its logits), whatever its last layer is called, so
+one config (e.g. the ADDA ablation, ``layers: {output: 1.0}``) fits LeNet and ERFNet alike."""
+
+
 def resolve_layer(net: nn.Module, name: str) -> nn.Module:
-    """Return the submodule of ``net`` at dotted path ``name``, or raise a ValueError listing the
-    valid names (so a typo in a config is fixed from the message alone)."""
+    """Return the submodule of ``net`` at dotted path ``name`` (``"output"``: ``net`` itself,
+    unless a submodule has that name), or raise a ValueError listing the valid names (so a typo
+    in a config is fixed from the message alone).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> resolve_layer(net, "0"), resolve_layer(net, "output") is net
+        (Linear(in_features=2, out_features=2, bias=True), True)
+    """
     modules = dict(net.named_modules())
+    if name == OUTPUT and name not in modules:
+        return net
     if name == "" or name not in modules:
-        valid = ", ".join(n for n in modules if n) or "(none)"
+        valid = ", ".join([n for n in modules if n] + [f"{OUTPUT} (the network's output)"])
         raise ValueError(
             f"{type(net).__name__} has no layer named {name!r}. Valid layer names: {valid}"
         )

@@ -1,17 +1,19 @@
-"""The part every dam_lightning LightningModule shares: evaluation on the target and source domains.
+"""The part every dam_lightning LightningModule shares: the task, and evaluation per domain.
 
 Validation/test batches come from ``DomainAdaptationDataModule.val_dataloader()`` as a list
-``[target, source?]``; metrics are logged as ``val/target/acc``, ``val/source/acc``.
+``[target, source?]``; metrics are logged as ``val/target/<metric>`` (``acc`` for digits,
+``miou``, ``pixel_acc``, ``iou/<class>``... for segmentation) and ``val/source/<metric>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
-from dam_lightning.modules.task import ClassificationTask
+from dam_lightning.modules.task import TaskName, make_task
 
 NetworkFactory = Callable[[int], nn.Module]
 """Builds a network from ``num_classes``: a class such as ``LeNet`` or, in YAML, a
@@ -24,12 +26,28 @@ EVAL_DOMAINS = ("target", "source")
 class EvaluatingModule(L.LightningModule):
     """Base LightningModule: builds the task, evaluates ``eval_net`` per domain.
 
-    Subclasses set ``eval_net`` (the network being judged) and implement training.
+    Subclasses set ``eval_net`` (the network being judged) and implement training. The task
+    arguments (``task``, ``class_names``, ``class_subsets``) come from the data module through
+    CLI links, like ``num_classes``; from Python, pass them yourself.
+
+    Args:
+        num_classes: number of classes.
+        task: ``"classification"`` or ``"segmentation"``.
+        class_names: class names in index order (for per-class metric names).
+        class_subsets: segmentation only: extra mIoUs over named subsets of the classes.
+        class_weights: segmentation only: per-class weights of the supervised loss.
     """
 
-    def __init__(self, num_classes: int):
+    def __init__(
+        self,
+        num_classes: int,
+        task: TaskName = "classification",
+        class_names: Sequence[str] | None = None,
+        class_subsets: Mapping[str, Sequence[str]] | None = None,
+        class_weights: Sequence[float] | None = None,
+    ):
         super().__init__()
-        self.task = ClassificationTask(num_classes)
+        self.task = make_task(task, num_classes, class_names, class_subsets, class_weights)
         self.val_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
         self.test_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
 
@@ -40,25 +58,61 @@ class EvaluatingModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.eval_net(x)
 
+    # ---- validation and test: update per batch, compute and log once per epoch ------------------
+
     def _evaluation_step(self, batch, dataloader_idx: int, stage: str) -> None:
         x, y = batch
-        domain = EVAL_DOMAINS[dataloader_idx]
-        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[domain]
-        metrics.update(self(x), y)
-        self.log_dict(
-            {f"{stage}/{domain}/{name}": m for name, m in metrics.items()},
-            on_step=False,
-            on_epoch=True,
-            add_dataloader_idx=False,
-            prog_bar=domain == "target",
-        )
+        metrics = (self.val_metrics if stage == "val" else self.test_metrics)
+        self.task.update(metrics[EVAL_DOMAINS[dataloader_idx]], self.eval_net, x, y)
+
+    def _log_evaluation(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        for domain in EVAL_DOMAINS[:count]:  # every rank, so the DDP reduction lines up
+            metric = metrics[domain]
+            values = metric.compute()  # summed across DDP ranks by torchmetrics
+            metric.reset()
+            self.log_dict(
+                {f"{stage}/{domain}/{name}": value for name, value in values.items()},
+                sync_dist=False,  # already reduced
+                add_dataloader_idx=False,
+            )
+            if domain == "target":
+                self.log(
+                    self.task.headline, values[self.task.headline], prog_bar=True, logger=False
+                )
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step(batch, dataloader_idx, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step(batch, dataloader_idx, "test")
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=1)
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    # ---- predict: ids, confidence and (where known) labels, for PredictionWriter ---------------
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        x, y = _inputs_and_labels(batch)
+        size = self.task.label_size(y) if y is not None else None
+        probabilities = self.task.predict(self.eval_net, x, size).softmax(dim=1)
+        confidence, prediction = probabilities.max(dim=1)
+        return {"prediction": prediction, "confidence": confidence, "label": y}
+
+
+def _inputs_and_labels(batch) -> tuple[Tensor, Tensor | None]:
+    """``(x, y)`` from a labelled batch, ``(x, None)`` from an image-only one."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0], None
+    raise TypeError(
+        f"a prediction batch must be images or (images, labels), got {type(batch).__name__}"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -24,6 +25,7 @@ from dam_lightning.matching.drift import DriftReduction, weight_drift
 from dam_lightning.matching.taps import ActivationTaps
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
 from dam_lightning.modules.source import paper_source_optimizer, train_source_network
+from dam_lightning.modules.task import TaskName
 
 
 def paper_adversarial_optimizer(params) -> torch.optim.Optimizer:
@@ -63,6 +65,10 @@ class GAMAdaptModule(EvaluatingModule):
         discriminator_scheduler / target_scheduler: optional, stepped once per batch.
         example_input_shape: one input's shape (C, H, W), to size the discriminators; default
             ``net.example_input_shape``.
+        task, class_names, class_subsets: what the data is (linked from the data module by the
+            CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
+        class_weights: segmentation only: per-class weights of the cross-entropy of the source
+            training that ``source_steps`` runs.
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -91,8 +97,12 @@ class GAMAdaptModule(EvaluatingModule):
         discriminator_scheduler: LRSchedulerCallable | None = None,
         target_scheduler: LRSchedulerCallable | None = None,
         example_input_shape: tuple[int, ...] | None = None,
+        task: TaskName = "classification",
+        class_names: Sequence[str] | None = None,
+        class_subsets: Mapping[str, Sequence[str]] | None = None,
+        class_weights: Sequence[float] | None = None,
     ):
-        super().__init__(num_classes)
+        super().__init__(num_classes, task, class_names, class_subsets, class_weights)
         self.save_hyperparameters(
             ignore=[
                 "net",

@@ -8,14 +8,14 @@ when it is asked to train F_s itself (the one-command demo).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
-from dam_lightning.modules.task import ClassificationTask
+from dam_lightning.modules.task import Task, TaskName
 
 
 def paper_source_optimizer(params) -> torch.optim.Optimizer:
@@ -37,6 +37,9 @@ class SourceModule(EvaluatingModule):
         scheduler: optional LR scheduler factory, stepped once per batch.
         augment: optional module applied to every source batch before the forward pass, in
             training only (e.g. ``dam_lightning.data.RandomAffine()``; not in the paper).
+        task, class_names, class_subsets: what the data is (linked from the data module by the
+            CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
+        class_weights: segmentation only: per-class weights of the cross-entropy.
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -55,8 +58,12 @@ class SourceModule(EvaluatingModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         augment: nn.Module | None = None,
+        task: TaskName = "classification",
+        class_names: Sequence[str] | None = None,
+        class_subsets: Mapping[str, Sequence[str]] | None = None,
+        class_weights: Sequence[float] | None = None,
     ):
-        super().__init__(num_classes)
+        super().__init__(num_classes, task, class_names, class_subsets, class_weights)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "augment"])
         self.net = net(num_classes)
         self.augment = augment
@@ -69,6 +76,7 @@ class SourceModule(EvaluatingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = batch["source"]
+        self.task.check_labels(y, "source training batch")
         if self.augment is not None:
             x = self.augment(x)
         loss = self.task.loss(self.net(x), y)
@@ -90,7 +98,7 @@ def train_source_network(
     net: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
     steps: int,
-    task: ClassificationTask,
+    task: Task,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
 ) -> list[float]:
@@ -103,6 +111,7 @@ def train_source_network(
     losses = []
     for x, y in itertools.islice(_cycle(batches), steps):
         x, y = x.to(device), y.to(device)
+        task.check_labels(y, "source training batch")
         loss = task.loss(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,18 +1,26 @@
-"""What is specific to the prediction task (loss, metrics, evaluation), kept out of the modules.
+"""What differs between classification and segmentation, kept out of the modules.
 
-Digit classification is the task today; segmentation (mIoU on a confusion matrix) plugs in here
-with the same three methods. Nothing here trains or logs.
+A task owns the supervised loss, the prediction an evaluation scores (segmentation: logits
+upsampled to the label's size), the metric collection, and ``evaluate`` — the one evaluation path
+that validation, the adaptation summary and the benchmarks all go through. Nothing here trains
+or logs. The modules build their task with ``make_task`` from what the data module says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
+
+from dam_lightning.data.labels import IGNORE_INDEX
+from dam_lightning.metrics import SegmentationMetrics
+
+TaskName = Literal["classification", "segmentation"]
 
 
 class WorstClassAccuracy(MulticlassStatScores):
@@ -41,43 +49,62 @@ class WorstClassAccuracy(MulticlassStatScores):
         return (correct[present].float() / images[present]).min()
 
 
-class ClassificationTask:
-    """Image classification: cross-entropy loss, micro accuracy (the paper's digits metric) and
-    the worst class's accuracy (which shows one class being mapped onto another).
+class Task:
+    """The shared part of both tasks: label checks, prediction and the evaluation loop.
 
-    Example:
-        >>> task = ClassificationTask(num_classes=3)
-        >>> logits, labels = torch.eye(3), torch.tensor([0, 1, 1])
-        >>> m = task.metrics(); m.update(logits, labels); round(m.compute()["acc"].item(), 4)
-        0.6667
+    Subclasses set ``name``, ``headline`` (the metric shown in the progress bar),
+    ``summary_columns`` (the metrics of the adaptation summary table) and implement ``loss``
+    and ``metrics``.
     """
 
-    def __init__(self, num_classes: int):
+    name: str
+    headline: str
+    summary_columns: tuple[str, ...]
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for num_classes={num_classes}: "
+                f"{list(class_names)}"
+            )
         self.num_classes = num_classes
+        self.class_names = tuple(class_names or (str(c) for c in range(num_classes)))
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Supervised loss on labelled source data."""
-        return F.cross_entropy(logits, labels)
+        raise NotImplementedError
 
-    def metrics(self) -> MetricCollection:
-        """Fresh metric objects for one domain's evaluation."""
-        return MetricCollection(
-            {
-                "acc": MulticlassAccuracy(self.num_classes, average="micro", validate_args=False),
-                "worst_class_acc": WorstClassAccuracy(self.num_classes),
-            }
-        )
+    def metrics(self) -> Metric | MetricCollection:
+        """Fresh metric state for one domain's evaluation; ``compute()`` returns a dict."""
+        raise NotImplementedError
+
+    def predict(self, net: nn.Module, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """The logits an evaluation scores; ``size`` is the label's spatial size, if any."""
+        return net(x)
+
+    def label_size(self, labels: Tensor) -> tuple[int, ...] | None:
+        """The spatial size predictions must have to be scored against ``labels``."""
+        return None
 
     def check_labels(self, labels: Tensor, where: str) -> None:
-        """Raise a clear error when labels fall outside ``0..num_classes-1``."""
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+        """Raise a clear error when labels fall outside ``0..num_classes-1`` (and the ignore
+        value, for segmentation)."""
+        valid = (labels >= 0) & (labels < self.num_classes)
+        if self.name == "segmentation":
+            valid |= labels == IGNORE_INDEX
+        if labels.numel() and not bool(valid.all()):
+            bad = labels[~valid][0].item()
+            ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
             raise ValueError(
-                f"{where}: label {bad} is outside 0..{self.num_classes - 1}; check the dataset "
-                "or set num_classes to match it"
+                f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore}; check the "
+                "dataset or set num_classes to match it"
             )
+
+    def update(self, metrics, net: nn.Module, x: Tensor, labels: Tensor) -> None:
+        """Score one labelled batch: predict at the labels' size, update ``metrics``."""
+        metrics.update(self.predict(net, x, self.label_size(labels)), labels)
 
     @torch.no_grad()
     def evaluate(
@@ -89,7 +116,122 @@ class ClassificationTask:
         metrics = self.metrics().to(device)
         try:
             for x, y in batches:
-                metrics.update(net(x.to(device)), y.to(device))
+                self.update(metrics, net, x.to(device), y.to(device))
         finally:
             net.train(was_training)
-        return {name: value.item() for name, value in metrics.compute().items()}
+        return {name: float(value) for name, value in metrics.compute().items()}
+
+
+class ClassificationTask(Task):
+    """Image classification: cross-entropy loss, micro accuracy (the paper's digits metric) and
+    the worst class's accuracy (which shows one class being mapped onto another).
+
+    Example:
+        >>> task = ClassificationTask(num_classes=3)
+        >>> logits, labels = torch.eye(3), torch.tensor([0, 1, 1])
+        >>> m = task.metrics(); m.update(logits, labels); round(m.compute()["acc"].item(), 4)
+        0.6667
+    """
+
+    name = "classification"
+    headline = "acc"
+    summary_columns = ("acc", "worst_class_acc")
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(self.num_classes, average="micro", validate_args=False),
+                "worst_class_acc": WorstClassAccuracy(self.num_classes),
+            }
+        )
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation: pixel-wise cross-entropy ignoring label 255 (optionally class
+    weighted), logits upsampled bilinearly to the label's size before scoring, and the
+    confusion-matrix metrics of ``dam_lightning.metrics`` (pixel accuracy, mean class accuracy,
+    mIoU, per-class IoU, class-subset mIoUs).
+
+    Args:
+        num_classes: number of classes (19 for Cityscapes).
+        class_names: names in class-index order (``iou/<name>`` keys).
+        class_subsets: extra mIoUs over named class subsets, e.g. SYNTHIA's ``{"16": [...]}``.
+        class_weights: per-class loss weights (ERFNet's recipe: 1 / ln(1.10 + p_class)).
+
+    Example:
+        >>> task = SegmentationTask(3, ["road", "car", "sky"])
+        >>> logits = torch.zeros(1, 3, 2, 2); logits[:, 1] = 1  # "car" everywhere, at 2x2
+        >>> task.predict(lambda x: logits, None, size=(4, 4)).shape
+        torch.Size([1, 3, 4, 4])
+        >>> task.loss(logits, torch.tensor([[[1, 255], [255, 255]]])) < 0.6
+        tensor(True)
+    """
+
+    name = "segmentation"
+    headline = "miou"
+    summary_columns = ("pixel_acc", "class_acc", "miou", "worst_class_iou")
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        class_subsets: Mapping[str, Sequence[str]] | None = None,
+        class_weights: Sequence[float] | None = None,
+    ):
+        super().__init__(num_classes, class_names)
+        self.class_subsets = {k: tuple(v) for k, v in (class_subsets or {}).items()}
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(
+                f"class_weights has {len(class_weights)} entries for {num_classes} classes"
+            )
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights)
+        self.summary_columns = SegmentationTask.summary_columns + tuple(
+            f"miou_{key}" for key in self.class_subsets
+        )
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logits = _resize_logits(logits, labels.shape[-2:])
+        weight = None if self.class_weights is None else self.class_weights.to(logits)
+        return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX)
+
+    def predict(self, net: nn.Module, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        logits = net(x)
+        return logits if size is None else _resize_logits(logits, size)
+
+    def label_size(self, labels: Tensor) -> tuple[int, ...]:
+        return tuple(labels.shape[-2:])
+
+    def metrics(self) -> SegmentationMetrics:
+        return SegmentationMetrics(self.class_names, self.class_subsets)
+
+
+def _resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear upsampling of (N, C, h, w) logits to ``size`` (the standard protocol)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def make_task(
+    task: TaskName,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    class_subsets: Mapping[str, Sequence[str]] | None = None,
+    class_weights: Sequence[float] | None = None,
+) -> Task:
+    """The task object for a module's ``task`` argument (which the CLI links from the data).
+
+    Example:
+        >>> make_task("segmentation", 19).headline
+        'miou'
+    """
+    if task == "classification":
+        if class_subsets or class_weights:
+            raise ValueError("class_subsets and class_weights are for segmentation only")
+        return ClassificationTask(num_classes, class_names)
+    if task == "segmentation":
+        return SegmentationTask(num_classes, class_names, class_subsets, class_weights)
+    raise ValueError(f"unknown task {task!r}: use 'classification' or 'segmentation'")
