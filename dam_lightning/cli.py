@@ -37,7 +37,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         path = unused_path(os.path.join(run_directory(trainer), self.config_filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.parser.save(self.config, path, skip_validation=True, **_KEEP_NONE)
+        self.parser.save(self.config, path, skip_validation=True, overwrite=True, **_KEEP_NONE)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 as_dict = self.parser.dump(self.config, format="json", **_KEEP_NONE)

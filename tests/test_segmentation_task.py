@@ -157,3 +157,18 @@ def test_source_module_validates_segmentation_with_miou_and_per_class_iou():
         assert key in metrics, key
     expected = module.task.evaluate(module.net, dm.val_dataloader()[0], torch.device("cpu"))
     assert metrics["val/target/miou"].item() == pytest.approx(expected["miou"], rel=1e-6)
+
+
+def test_results_are_written_readable_and_run_files_never_share_a_name(tmp_path):
+    import os
+    import stat
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dam_lightning.runs import atomic_write_text, unused_path
+
+    atomic_write_text(str(tmp_path / "summary.json"), "{}")
+    mode = stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode)
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH  # not mkstemp's 0o600
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(lambda _: unused_path(str(tmp_path / "config.yaml")), range(16)))
+    assert len(set(names)) == 16
