@@ -12,43 +12,7 @@ from dam_lightning.modules import SourceModule
 from dam_lightning.modules.task import SegmentationTask, make_task
 
 from .conftest import quiet_trainer
-
-CLASSES = ["road", "car", "sky"]
-
-
-class TinySegNet(nn.Module):
-    """1x1 conv then 2x downsampling: logits at half the input's size, like ERFNet's encoder."""
-
-    example_input_shape = (3, 8, 8)
-
-    def __init__(self, num_classes: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(3, num_classes, 1)
-        self.pool = nn.AvgPool2d(2)
-
-    def forward(self, x):
-        return self.pool(self.conv(x))
-
-
-class Scenes(Dataset):
-    """Images whose colour channel c is bright where the label is class c; some pixels 255."""
-
-    classes = tuple(CLASSES)
-    task = "segmentation"
-    num_classes = 3
-
-    def __init__(self, n: int = 8, size: int = 8, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n, size, size), generator=g)
-        self.labels[:, 0, :] = 255
-        self.images = nn.functional.one_hot(self.labels.clamp_max(2), 3).permute(0, 3, 1, 2)
-        self.images = self.images.float() + 0.1 * torch.randn(n, 3, size, size, generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+from .toy_segmentation import CLASSES, Scenes, TinySegNet
 
 
 def test_loss_ignores_255_and_upsamples_logits_to_the_label_size():

@@ -82,13 +82,18 @@ class PatchDiscriminator(nn.Module):
         return self.net(activation)
 
 
-def discriminator_for(activation_shape: torch.Size | tuple[int, ...]) -> nn.Module:
+def discriminator_for(
+    activation_shape: torch.Size | tuple[int, ...], patch_width: int = 64
+) -> nn.Module:
     """Build the discriminator that fits one tapped layer's activation shape (batch dim included):
-    an MLP for vectors (N, C), a patch discriminator for maps (N, C, H, W)."""
+    an MLP for vectors (N, C), a patch discriminator of base width ``patch_width`` for maps
+    (N, C, H, W)."""
     if len(activation_shape) == 2:
         return MLPDiscriminator(activation_shape[1])
     if len(activation_shape) == 4:
-        return PatchDiscriminator(activation_shape[1], tuple(activation_shape[2:]))
+        return PatchDiscriminator(
+            activation_shape[1], tuple(activation_shape[2:]), width=patch_width
+        )
     raise ValueError(
         f"no discriminator for activations of shape {tuple(activation_shape)}: tap a layer whose "
         "output is (N, C) or (N, C, H, W)"

@@ -65,6 +65,10 @@ class GAMAdaptModule(EvaluatingModule):
         discriminator_scheduler / target_scheduler: optional, stepped once per batch.
         example_input_shape: one input's shape (C, H, W), to size the discriminators; default
             ``net.example_input_shape``.
+        discriminator_width: base width of the patch discriminators of feature-map layers
+            (64 -> 128 -> 256 channels at the default); the MLP discriminators of vector
+            layers keep the paper's 500-500. A GAM step's cost over a source step grows with it
+            (docs/results/segmentation_speed.md).
         task, class_names, class_subsets: what the data is (linked from the data module by the
             CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
         class_weights: segmentation only: per-class weights of the cross-entropy of the source
@@ -97,6 +101,7 @@ class GAMAdaptModule(EvaluatingModule):
         discriminator_scheduler: LRSchedulerCallable | None = None,
         target_scheduler: LRSchedulerCallable | None = None,
         example_input_shape: tuple[int, ...] | None = None,
+        discriminator_width: int = 64,
         task: TaskName = "classification",
         class_names: Sequence[str] | None = None,
         class_subsets: Mapping[str, Sequence[str]] | None = None,
@@ -129,7 +134,7 @@ class GAMAdaptModule(EvaluatingModule):
         self.gan = GANLoss(gan_loss)
         self.discriminators = nn.ModuleDict(
             {
-                _key(n): discriminator_for(s)
+                _key(n): discriminator_for(s, discriminator_width)
                 for n, s in self._tap_shapes(example_input_shape).items()
             }
         )

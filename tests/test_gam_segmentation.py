@@ -1,0 +1,55 @@
+"""GAM on ERFNet for segmentation: bf16 on the CPU, Gaussian matching first, the summary table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dam_lightning.callbacks import AdaptationSummary, GaussianMatching
+from dam_lightning.data.datamodule import DomainAdaptationDataModule
+from dam_lightning.models import ERFNet
+from dam_lightning.modules import GAMAdaptModule
+
+from .conftest import quiet_trainer
+from .toy_segmentation import CLASSES, Scenes
+
+
+def _small_erfnet(num_classes: int) -> ERFNet:
+    return ERFNet(num_classes, width=0.25, dropout=0, example_input_shape=(3, 32, 64))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_a_few_gam_steps_on_erfnet_stay_finite_and_report_segmentation_metrics(precision, tmp_path):
+    module = GAMAdaptModule(
+        _small_erfnet,
+        num_classes=3,
+        task="segmentation",
+        class_names=CLASSES,
+        layers={**{name: 1.0 for name in ERFNet.PAPER_LAYERS.values()}, "output": 1.0},
+        adversarial_weight=0.1,
+        gan_loss="lsgan",
+        drift_reduction="sum",
+        discriminator_width=16,
+        source_steps=3,
+    )
+    data = DomainAdaptationDataModule(
+        Scenes(8, (32, 64)), Scenes(8, (32, 64), seed=1, shift=0.5), batch_size=2
+    )
+    summary = AdaptationSummary()
+    trainer = quiet_trainer(
+        max_steps=6,
+        precision=precision,
+        default_root_dir=tmp_path,
+        callbacks=[GaussianMatching(calibration_batches=1, mode="layerwise"), summary],
+    )
+    trainer.fit(module, datamodule=data)
+    for key in ("train/loss_g", "train/drift", "train/loss_d/output"):
+        assert math.isfinite(trainer.callback_metrics[key].item()), key
+    assert list(summary.rows) == ["source only", "after Gaussian matching", "after GAM"]
+    row = summary.rows["after GAM"]
+    assert {"pixel_acc", "class_acc", "miou", "worst_class_iou", "iou/car"} <= set(row)
+    assert all(math.isfinite(row[k]) for k in ("pixel_acc", "miou"))
+    table = (tmp_path / "summary.md").read_text()
+    assert "miou" in table and "iou/car" not in table  # per-class values go to summary.json
+    assert "iou/car" in (tmp_path / "summary.json").read_text()
