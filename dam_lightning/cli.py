@@ -14,9 +14,11 @@ import sys
 import warnings
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.modules.base import EvaluatingModule
 from dam_lightning.runs import run_directory, unused_path
@@ -54,7 +56,15 @@ _KEEP_NONE = (
 
 
 class DamCLI(LightningCLI):
-    """LightningCLI for dam_lightning modules and ``DomainAdaptationDataModule``."""
+    """LightningCLI for dam_lightning modules and ``DomainAdaptationDataModule``.
+
+    ``predict`` always writes its predictions: a config without a ``PredictionWriter`` gets one
+    (into ``<run dir>/predictions``), so the command never ends with nothing to show.
+    """
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # What the data is decides the task: a config names a dataset and a network only.

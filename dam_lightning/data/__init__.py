@@ -1,16 +1,26 @@
 """Datasets (one file per family), the class tables and the domain-adaptation DataModule."""
 
 from dam_lightning.data.augment import RandomAffine
+from dam_lightning.data.cityscapes import Cityscapes
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
 from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
+from dam_lightning.data.gta5 import GTA5
 from dam_lightning.data.label_shift import LabelShift
+from dam_lightning.data.segmentation import SegmentationDataset
+from dam_lightning.data.synthia import SYNTHIA
+from dam_lightning.data.transforms import SegmentationTransform
 
 __all__ = [
+    "GTA5",
     "MNIST",
+    "SYNTHIA",
     "USPS",
+    "Cityscapes",
     "DomainAdaptationDataModule",
     "LabelShift",
     "RandomAffine",
+    "SegmentationDataset",
+    "SegmentationTransform",
     "SynDigits",
     "UCIDigits",
     "Unlabelled",

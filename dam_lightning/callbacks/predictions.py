@@ -1,0 +1,393 @@
+"""``PredictionWriter``: what ``python -m dam_lightning predict`` leaves on disk.
+
+Segmentation: per image a labelId (or trainId) PNG, a colour PNG and an overlay, each kind in its
+own sub-folder; classification: one CSV. The writer only converts and writes what ``predict_step``
+returns; it never runs the network and changes no prediction beyond resizing it to the image's
+native size. Every file is written through a temporary file and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Subset
+
+from dam_lightning.data.labels import (
+    CITYSCAPES_PALETTE,
+    IGNORE_INDEX,
+    colour_table,
+    lookup_table,
+)
+from dam_lightning.runs import run_directory
+
+__all__ = ["PredictionWriter", "distinct_palette"]
+
+CSV_COLUMNS = ("index", "prediction", "confidence", "label")
+
+
+def distinct_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """``num_classes`` well-separated RGB colours (golden-ratio hue steps, alternating saturation
+    and value), for datasets with more classes than Cityscapes and no palette of their own.
+
+    Example:
+        >>> palette = distinct_palette(40)
+        >>> len(palette), len(set(palette)), (0, 0, 0) in palette
+        (40, 40, False)
+    """
+    colours = []
+    for i in range(num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        saturation = 0.9 if i % 2 == 0 else 0.55
+        value = 0.95 if (i // 2) % 2 == 0 else 0.7
+        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return tuple(colours)
+
+
+def default_palette(num_classes: int | None) -> tuple[tuple[int, int, int], ...]:
+    """The Cityscapes colours for up to 19 classes (or an unknown number), else
+    :func:`distinct_palette`.
+
+    Example:
+        >>> default_palette(19) == CITYSCAPES_PALETTE, len(default_palette(30))
+        (True, 30)
+    """
+    if num_classes is None or num_classes <= len(CITYSCAPES_PALETTE):
+        return CITYSCAPES_PALETTE
+    return distinct_palette(num_classes)
+
+
+def save_png_atomically(image: Image.Image, path: str) -> None:
+    """Save ``image`` as PNG at ``path`` (folders created) through a hidden temporary file in the
+    same folder and an atomic rename: a crash leaves the old file or the new one, and the
+    temporary name never matches the Cityscapes benchmark's ``<city>_<seq>_<frame>*.png``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _DatasetView:
+    """A prediction dataset seen through ``Subset`` wrappers: the optional per-item methods
+    (``item_name``, ``image_path``) and attributes (``palette``, ``label_ids``, ``num_classes``)
+    are taken from the outermost dataset that has them, with the index mapped to that level."""
+
+    def __init__(self, dataset: Any):
+        self.chain = [dataset]
+        while isinstance(self.chain[-1], Subset):
+            self.chain.append(self.chain[-1].dataset)
+
+    def attribute(self, name: str) -> Any:
+        for dataset in self.chain:
+            value = getattr(dataset, name, None)
+            if value is not None:
+                return value
+        return None
+
+    def call(self, method: str, index: int) -> Any:
+        for dataset in self.chain:
+            if callable(getattr(dataset, method, None)):
+                return getattr(dataset, method)(index)
+            if isinstance(dataset, Subset):
+                index = int(dataset.indices[index])
+        return None
+
+    def num_classes(self) -> int | None:
+        num_classes = self.attribute("num_classes")
+        if num_classes is None and self.attribute("classes") is not None:
+            num_classes = len(self.attribute("classes"))
+        return num_classes
+
+    def item_name(self, index: int) -> str:
+        name = self.call("item_name", index)
+        if name is None:
+            return f"{index:06d}"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(
+                f"item_name({index}) returned {name!r}; it must be a relative path without '..' "
+                "(e.g. 'frankfurt/frankfurt_000000_000294')"
+            )
+        return str(name)
+
+
+def _prediction_dataset(trainer: L.Trainer, dataloader_idx: int) -> Any:
+    """The dataset behind predict dataloader ``dataloader_idx``."""
+    loaders = trainer.predict_dataloaders
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[dataloader_idx]
+    return getattr(loaders, "dataset", None)
+
+
+def _number_of_loaders(trainer: L.Trainer) -> int:
+    loaders = trainer.predict_dataloaders
+    return len(loaders) if isinstance(loaders, (list, tuple, dict)) else 1
+
+
+def _unpack(prediction: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(prediction, confidence, label) on the CPU, from the ``predict_step`` contract
+    ``{"prediction", "confidence", "label"}``; a bare tensor is taken as the prediction."""
+    if isinstance(prediction, Tensor):
+        return prediction.detach().cpu(), None, None
+    if not isinstance(prediction, dict) or "prediction" not in prediction:
+        raise TypeError(
+            "PredictionWriter expects predict_step to return a tensor or a dict with keys "
+            f"'prediction', 'confidence', 'label'; got {type(prediction).__name__}"
+        )
+    fields = [prediction.get(key) for key in ("prediction", "confidence", "label")]
+    return tuple(None if t is None else torch.as_tensor(t).detach().cpu() for t in fields)
+
+
+class _SegmentationTables:
+    """The 256-entry lookup tables of one dataset: trainId -> dataset-native id (or None to
+    write trainIds) and trainId -> RGB."""
+
+    def __init__(self, view: _DatasetView, module_num_classes: int | None):
+        palette = view.attribute("palette")
+        if palette is None:
+            palette = default_palette(view.num_classes() or module_num_classes)
+        palette = tuple(tuple(int(v) for v in rgb) for rgb in palette)
+        self.num_colours = len(palette)
+        self.colours = colour_table(palette).numpy()
+        self.ids: np.ndarray | None = None
+        self.num_ids = IGNORE_INDEX  # trainIds are written as they are
+        label_ids = view.attribute("label_ids")
+        if label_ids is not None:
+            label_ids = [int(i) for i in label_ids]
+            if any(not 0 <= i <= 255 for i in label_ids):
+                raise ValueError(f"label_ids {label_ids} do not fit a uint8 PNG (0..255)")
+            self.num_ids = len(label_ids)
+            table = lookup_table(dict(enumerate(label_ids)), fill=0)  # ignored pixels -> 0, void
+            self.ids = table.to(torch.uint8).numpy()
+        self.folder = "labelIds" if self.ids is not None else "trainIds"
+
+    def check(self, train_ids: Tensor, name: str) -> None:
+        """Refuse ids that have no colour (or no dataset id): they would be written as void."""
+        valid = train_ids[train_ids != IGNORE_INDEX]
+        if valid.numel() == 0:
+            return
+        low, high = valid.min().item(), valid.max().item()
+        limit = min(self.num_colours, self.num_ids)
+        if low < 0 or high >= limit:
+            raise ValueError(
+                f"prediction for {name!r} holds trainId {low if low < 0 else high}, outside "
+                f"0..{limit - 1} (the dataset's palette/label_ids) and not {IGNORE_INDEX}; give "
+                "the dataset a `palette` and `label_ids` with one entry per class"
+            )
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes each ``predict_step`` batch to ``output_dir``.
+
+    ``predict_step`` returns ``{"prediction": int64 (N,) class ids or (N, H, W) trainIds,
+    "confidence": float of the same shape or None, "label": same shape or None}`` (a bare
+    prediction tensor is accepted). The dataset may offer ``item_name(index)`` (a relative path
+    without extension, e.g. ``"frankfurt/frankfurt_000000_000294"``; default ``f"{index:06d}"``),
+    ``image_path(index)``, ``palette`` (RGB per trainId; default Cityscapes' up to 19 classes) and
+    ``label_ids`` (native id per trainId, e.g. ``CITYSCAPES_LABEL_IDS``); ``Subset`` wrappers are
+    seen through.
+
+    Segmentation, per image, one folder per kind (so the Cityscapes benchmark's file matching,
+    pointed at ``labelIds/``, finds exactly one file per image):
+
+    - ``labelIds/<name>.png`` (mode "L", trainId -> label_ids, ignored -> 0), or
+      ``trainIds/<name>.png`` when the dataset has no ``label_ids``;
+    - ``colour/<name>.png``: palette colours, ignored pixels black;
+    - ``overlay/<name>.png``: the input image blended with the colours (``overlay_alpha`` is the
+      colour's weight; ignored pixels show the image); only with ``image_path``.
+
+    When the prediction's size differs from the image's native size (predict sets without labels
+    are fed resized), the id map is resized to the native size with nearest neighbour before
+    anything is written; upsampling logits in the task gives smoother borders where it can.
+
+    Classification: ``predictions.csv`` with columns ``index,prediction,confidence,label`` (empty
+    when unknown), rows in batch order; under DDP one ``predictions-rank<r>.csv`` per rank. It
+    appears at the end of ``predict``, renamed into place from a temporary file.
+
+    With several predict dataloaders each gets a ``dataloader_<k>/`` sub-folder.
+
+    Args:
+        output_dir: where to write; default ``<run directory>/predictions``.
+        overlay_alpha: weight of the colour mask in the overlay, in [0, 1].
+
+    Example:
+        >>> PredictionWriter(overlay_alpha=0.4).overlay_alpha
+        0.4
+    """
+
+    def __init__(self, output_dir: str | None = None, overlay_alpha: float = 0.5):
+        super().__init__(write_interval="batch")
+        if not 0.0 <= overlay_alpha <= 1.0:
+            raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+        self.output_dir = output_dir
+        self.overlay_alpha = overlay_alpha
+        self._reset()
+
+    def _reset(self) -> None:
+        self.folder: str | None = None
+        self.images_written = 0
+        self._kinds: dict[str, None] = {}  # ordered set of what was written, for the report
+        self._tables: dict[int, _SegmentationTables] = {}
+        self._seen: dict[int, int] = {}  # per dataloader, for loaders without batch indices
+        self._csv_files: dict[int, tuple[Any, Any, str, str]] = {}
+
+    # ---- Lightning hooks ------------------------------------------------------------------------
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+        self.folder = self.output_dir or os.path.join(run_directory(trainer), "predictions")
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        predicted, confidence, label = _unpack(prediction)
+        indices = self._dataset_indices(batch_indices, len(predicted), dataloader_idx)
+        folder = self._loader_folder(trainer, dataloader_idx)
+        view = _DatasetView(_prediction_dataset(trainer, dataloader_idx))
+        if predicted.ndim == 1:
+            self._write_rows(trainer, folder, dataloader_idx, indices, predicted, confidence, label)
+        elif predicted.ndim == 3:
+            tables = self._segmentation_tables(view, pl_module, dataloader_idx)
+            for row, index in enumerate(indices):
+                self._write_masks(view, tables, folder, index, predicted[row])
+        else:
+            raise ValueError(
+                f"prediction of shape {tuple(predicted.shape)} is neither (N,) class ids nor "
+                "(N, H, W) trainIds"
+            )
+        self.images_written += len(indices)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_csv_files(keep=True)
+        count = torch.tensor(float(self.images_written), device=pl_module.device)
+        total = int(trainer.strategy.reduce(count, reduce_op="sum").item())  # every rank calls it
+        if trainer.is_global_zero:
+            kinds = f" ({', '.join(self._kinds)})" if self._kinds else ""
+            print(f"Predictions: {total} images -> {self.folder}{kinds}", flush=True)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        self._close_csv_files(keep=False)
+
+    # ---- where things go ------------------------------------------------------------------------
+
+    def _dataset_indices(
+        self, batch_indices: Sequence[int] | None, size: int, dataloader_idx: int
+    ) -> list[int]:
+        """Dataset indices of this batch; a running count when the loader cannot tell (an
+        iterable dataset: names then depend on the order, and DDP ranks would collide)."""
+        seen = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = seen + size
+        if batch_indices:
+            if len(batch_indices) != size:
+                raise ValueError(f"{size} predictions for a batch of {len(batch_indices)} items")
+            return [int(i) for i in batch_indices]
+        return list(range(seen, seen + size))
+
+    def _loader_folder(self, trainer: L.Trainer, dataloader_idx: int) -> str:
+        if _number_of_loaders(trainer) > 1:
+            return os.path.join(self.folder, f"dataloader_{dataloader_idx}")
+        return self.folder
+
+    def _segmentation_tables(self, view, pl_module, dataloader_idx: int) -> _SegmentationTables:
+        if dataloader_idx not in self._tables:
+            module_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+            self._tables[dataloader_idx] = _SegmentationTables(view, module_classes)
+        return self._tables[dataloader_idx]
+
+    # ---- segmentation ---------------------------------------------------------------------------
+
+    def _write_masks(
+        self, view: _DatasetView, tables: _SegmentationTables, folder: str, index: int, ids: Tensor
+    ) -> None:
+        name = view.item_name(index)
+        tables.check(ids, name)
+        image_path = view.call("image_path", index)
+        with contextlib.ExitStack() as stack:
+            image = None if image_path is None else stack.enter_context(Image.open(image_path))
+            mask = Image.fromarray(ids.to(torch.uint8).numpy())
+            if image is not None and image.size != mask.size:  # the header gives the size
+                mask = mask.resize(image.size, Image.Resampling.NEAREST)
+            train_ids = np.asarray(mask)
+            written = tables.ids[train_ids] if tables.ids is not None else train_ids
+            self._save(Image.fromarray(written), folder, tables.folder, name)
+            colours = tables.colours[train_ids]
+            self._save(Image.fromarray(colours), folder, "colour", name)
+            if image is not None:
+                overlay = self._overlay(np.asarray(image.convert("RGB")), colours, train_ids)
+                self._save(Image.fromarray(overlay), folder, "overlay", name)
+
+    def _overlay(self, image: np.ndarray, colours: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
+        """The image with the colours blended in at ``overlay_alpha``, except on ignored pixels."""
+        alpha = np.where(train_ids == IGNORE_INDEX, 0.0, self.overlay_alpha)[..., None]
+        blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+        return np.rint(blended).astype(np.uint8)
+
+    def _save(self, image: Image.Image, folder: str, kind: str, name: str) -> None:
+        save_png_atomically(image, os.path.join(folder, kind, f"{name}.png"))
+        self._kinds[f"{kind}/"] = None
+
+    # ---- classification -------------------------------------------------------------------------
+
+    def _write_rows(self, trainer, folder, dataloader_idx, indices, predicted, confidence, label):
+        writer = self._csv_writer(trainer, folder, dataloader_idx)
+        for row, index in enumerate(indices):
+            writer.writerow(
+                [
+                    index,
+                    int(predicted[row]),
+                    "" if confidence is None else f"{float(confidence[row]):.6f}",
+                    "" if label is None else int(label[row]),
+                ]
+            )
+
+    def _csv_writer(self, trainer: L.Trainer, folder: str, dataloader_idx: int):
+        if dataloader_idx not in self._csv_files:
+            name = "predictions.csv"
+            if trainer.world_size > 1:
+                name = f"predictions-rank{trainer.global_rank}.csv"
+            path = os.path.join(folder, name)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            file = open(tmp, "w", newline="")  # noqa: SIM115 (closed in on_predict_end)
+            writer = csv.writer(file)
+            writer.writerow(CSV_COLUMNS)
+            self._csv_files[dataloader_idx] = (file, writer, tmp, path)
+            self._kinds["predictions-rank*.csv" if trainer.world_size > 1 else name] = None
+        return self._csv_files[dataloader_idx][1]
+
+    def _close_csv_files(self, keep: bool) -> None:
+        """Close the CSVs and rename them into place (``keep``) or delete them (after a crash)."""
+        for file, _, tmp, path in self._csv_files.values():
+            file.close()
+            if keep:
+                os.replace(tmp, path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        self._csv_files = {}

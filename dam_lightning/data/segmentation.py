@@ -1,0 +1,372 @@
+"""The base of the segmentation datasets: image/label file pairs, decoding, id -> trainId, checks.
+
+Construction only lists (and pairs) files; decoding, the joint transforms and the id mapping (one
+``lut[label]`` indexing op) happen in ``__getitem__``, i.e. in DataLoader workers. Family files
+(``cityscapes.py``, ``gta5.py``, ``synthia.py``) only say where files are and which table maps
+them; no class table is defined here (they all live in ``labels.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dam_lightning.data.labels import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAIN_ID,
+    CITYSCAPES_LABEL_IDS,
+    CITYSCAPES_PALETTE,
+)
+from dam_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationTransform,
+    resize_mask,
+)
+
+__all__ = [
+    "DecodeError",
+    "SegmentationDataset",
+    "check_root",
+    "decode_error",
+    "files_by_name",
+    "folder_pairs",
+    "no_files_error",
+    "pair_by_name",
+    "select_names",
+]
+
+LabelSize = Literal["input", "native"]
+
+DecodeError = (OSError, RuntimeError, SyntaxError, ValueError)
+"""What PIL (OSError, SyntaxError, ValueError) and torchvision.io (RuntimeError) raise on a
+corrupt or truncated file; ``__getitem__`` turns them into one message naming the file."""
+
+
+class SegmentationDataset(Dataset):
+    """Image/label pairs decoded on access: ``(image, label)``, or ``image`` when unlabelled.
+
+    ``image`` is float32 (3, H, W), normalised; ``label`` is int64 (h, w) holding trainIds
+    ``0..num_classes-1`` or 255 (ignored). ``size`` is the network input (H, W) every image is
+    resized to (None: keep the file size). ``label_size="input"`` resizes the label (nearest) to
+    ``size``; ``"native"`` keeps its file resolution (scoring at label resolution).
+    ``train_augment`` adds a joint random scale (``scale_range`` of ``size``), a ``crop_size``
+    crop (default ``size``) and a horizontal flip. With ``labelled=False`` label files are never
+    opened (an unlabelled target set) and may be omitted.
+
+    Subclasses set the class constants below and find the files; ``read_label`` may be
+    overridden for a format PIL cannot read (SYNTHIA's 16-bit PNGs).
+
+    Args:
+        images: image files.
+        labels: label files (``labels[i]`` belongs to ``images[i]``); needed when labelled.
+        names: relative names without extension for prediction files; default the file stems.
+        split: the split name shown in ``name`` and ``repr`` (None: no split).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> Image.new("RGB", (8, 4)).save(folder / "a.png")
+        >>> ids = np.array([[7, 7, 26, 26, 3, 3, 26, 26]] * 4, np.uint8)
+        >>> Image.fromarray(ids).save(folder / "a_ids.png")
+        >>> ds = SegmentationDataset([folder / "a.png"], [folder / "a_ids.png"], size=(2, 4))
+        >>> image, label = ds[0]  # labelIds 7 road, 26 car, 3 void -> trainIds 0, 13, 255
+        >>> tuple(image.shape), label.dtype, label.tolist()
+        ((3, 2, 4), torch.int64, [[0, 13, 255, 13], [0, 13, 255, 13]])
+        >>> ds, ds.num_classes, ds.item_name(0)
+        (SegmentationDataset(size=(2, 4), images=1), 19, 'a')
+    """
+
+    classes: tuple[str, ...] = CITYSCAPES_CLASSES
+    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
+    label_ids: tuple[int, ...] | None = CITYSCAPES_LABEL_IDS
+    """The dataset-native id of each trainId, written into prediction PNGs (None: trainIds)."""
+    task = "segmentation"
+    class_subsets: Mapping[str, tuple[str, ...]] = {}
+    """Named class subsets a benchmark also reports (SYNTHIA's 16 and 13 classes)."""
+    id_to_train_id: Tensor = CITYSCAPES_ID_TO_TRAIN_ID
+    """256-entry table: label file value -> trainId."""
+    max_label_id: int = 33
+    """Largest value a label file may hold (Cityscapes labelIds run 0..33, bicycle last)."""
+    label_hint: str = "expected single-channel PNGs of Cityscapes labelIds 0..33"
+    """What the label files should be, appended to a bad-value error."""
+    size_mismatch: str = "error"
+    """What an image/label size difference does at access: "error" or "resize" (nearest)."""
+
+    def __init__(
+        self,
+        images: Sequence[str | Path],
+        labels: Sequence[str | Path] | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        split: str | None = None,
+        size: tuple[int, int] | None = (512, 1024),
+        label_size: LabelSize = "input",
+        train_augment: bool = False,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        crop_size: tuple[int, int] | None = None,
+        labelled: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        cls = type(self).__name__
+        if label_size not in ("input", "native"):
+            raise ValueError(f"{cls}: label_size must be 'input' or 'native', got {label_size!r}")
+        self.images = [Path(p) for p in images]
+        self.labels = [Path(p) for p in labels] if labelled and labels is not None else None
+        if labelled and self.labels is None:
+            raise ValueError(f"{cls}: labelled=True needs label files; pass labelled=False")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(
+                f"{cls}: {len(self.images)} images but {len(self.labels)} labels were given"
+            )
+        self.names = list(names) if names is not None else [p.stem for p in self.images]
+        if len(self.names) != len(self.images):
+            raise ValueError(f"{cls}: {len(self.images)} images but {len(self.names)} names")
+        self.split, self.labelled, self.label_size = split, labelled, label_size
+        self.transform = SegmentationTransform(
+            size,
+            train_augment=train_augment,
+            scale_range=scale_range,
+            crop_size=crop_size,
+            resize_mask=label_size == "input",
+            mean=mean,
+            std=std,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """The network input (H, W) images are resized to (None: file size)."""
+        return self.transform.size
+
+    @property
+    def train_augment(self) -> bool:
+        return self.transform.train_augment
+
+    @property
+    def name(self) -> str:
+        """Dataset and split, e.g. ``"Cityscapes-val"``: short enough for logs and titles."""
+        return type(self).__name__ + (f"-{self.split}" if self.split else "")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> Path:
+        return self.images[index]
+
+    def label_path(self, index: int) -> Path | None:
+        """The label file of item ``index`` (None when unlabelled)."""
+        return None if self.labels is None else self.labels[index]
+
+    def item_name(self, index: int) -> str:
+        """A name unique in the set, without extension, for prediction files (``"00042"``)."""
+        return self.names[index]
+
+    def eval_view(self) -> SegmentationDataset:
+        """A shallow copy without the random augmentation: the same item on every access."""
+        view = copy.copy(self)
+        view.transform = self.transform.eval_view()
+        return view
+
+    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, Tensor]:
+        image = self.read_image(self.images[index])
+        if self.labels is None:
+            return self.transform(image)
+        label_file = self.labels[index]
+        label = self.read_label(label_file)
+        if label.shape != image.shape[-2:]:
+            label = self._match_image_size(label, image, label_file, self.images[index])
+        image, label = self.transform(image, label)
+        return image, self.id_to_train_id[label.long()]
+
+    def read_image(self, path: Path) -> Tensor:
+        """The image as uint8 (3, H, W) RGB (an alpha channel is dropped)."""
+        try:
+            with Image.open(path) as image:
+                rgb = np.array(image.convert("RGB"))
+        except DecodeError as err:
+            raise decode_error(path, err) from err
+        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+    def read_label(self, path: Path) -> Tensor:
+        """The label file's raw values as uint8 (H, W), checked against ``max_label_id``.
+
+        Palette ("P") PNGs give their index values, not colours (GTA5's labels are palette PNGs
+        whose indices are Cityscapes labelIds).
+        """
+        try:
+            with Image.open(path) as image:
+                values = np.array(image)
+        except DecodeError as err:
+            raise decode_error(path, err) from err
+        if values.ndim != 2:
+            raise ValueError(
+                f"{path} is a {values.shape[-1]}-channel image, not a single-channel id PNG: "
+                f"{self.label_hint}"
+            )
+        if values.dtype != np.uint8:  # "I;16"/"I"/"1" modes: compare in int32, then narrow
+            values = values.astype(np.int32)
+        return self.check_label_values(torch.from_numpy(values), path).to(torch.uint8)
+
+    def check_label_values(self, label: Tensor, path: Path) -> Tensor:
+        """``label`` unchanged if its largest value is at most ``max_label_id``, else raise."""
+        peak = int(label.max())
+        if peak > self.max_label_id:
+            raise ValueError(
+                f"{path} holds the value {peak}, which is not a {type(self).__name__} label id "
+                f"(0..{self.max_label_id}): {self.label_hint}"
+            )
+        return label
+
+    def _match_image_size(self, label: Tensor, image: Tensor, label_file: Path, image_file: Path):
+        if self.size_mismatch == "resize":
+            return resize_mask(label, image.shape[-2:]).as_subclass(Tensor)
+        raise ValueError(
+            f"label {label_file} is {_wxh(label.shape)} but its image {image_file} is "
+            f"{_wxh(image.shape[-2:])}: the pair does not match; re-extract the dataset"
+        )
+
+    def __repr__(self) -> str:
+        parts = [f"split={self.split!r}"] if self.split else []
+        parts += [f"size={self.size}", f"images={len(self)}"]
+        if self.train_augment:
+            parts.append("train_augment=True")
+        if not self.labelled:
+            parts.append("labelled=False")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _wxh(shape: Sequence[int]) -> str:
+    return f"{shape[-1]}x{shape[-2]}"
+
+
+def decode_error(path: Path, err: Exception) -> ValueError:
+    """The error to raise (from ``err``) when ``path`` cannot be decoded: names file and fix."""
+    return ValueError(
+        f"{path} cannot be decoded ({type(err).__name__}: {err}): the file is corrupt or "
+        "truncated; re-download or re-extract it"
+    )
+
+
+# ---- helpers the family subclasses share ---------------------------------------------------------
+
+
+def check_root(root: str | Path, dataset: str, config_key: str, layout: str) -> Path:
+    """``root`` as a Path, refusing a missing folder with the config key that probably sets it."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{dataset} root {str(root)!r} is not a folder. Set the dataset's root in the config "
+            f"(e.g. {config_key}) to the folder that holds {layout}"
+        )
+    return path
+
+
+def files_by_name(root: Path, pattern: str, suffix: str, keep_folder: bool = False):
+    """``{name: path}`` for the files under ``root`` matching ``pattern`` (which ends in
+    ``suffix``); the name is the file name without ``suffix``, prefixed by ``<folder>/`` when
+    ``keep_folder`` (Cityscapes' ``aachen/aachen_000000_000019``)."""
+    files = {}
+    for path in sorted(root.glob(pattern)):
+        folder = f"{path.parent.name}/" if keep_folder else ""
+        files[folder + path.name[: -len(suffix)]] = path
+    return files
+
+
+def no_files_error(dataset: str, root: Path, pattern: str, fix: str) -> FileNotFoundError:
+    """The error for an empty listing: names the glob pattern searched and the fix."""
+    return FileNotFoundError(f"{dataset}: no files match {root / pattern}; {fix}")
+
+
+def select_names(files: dict[str, Path], split_file: str | Path, digits: int, dataset: str):
+    """The entries of ``files`` named in ``split_file`` (one name or number per line; ``42``,
+    ``00042`` and ``images/00042.png`` all mean ``00042`` when ``digits=5``); '#' starts a
+    comment. Refuses names with no file."""
+    path = Path(split_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: split_file {str(split_file)!r} is not a file")
+    wanted = []
+    for line in path.read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            stem = Path(entry).stem
+            wanted.append(stem.zfill(digits) if stem.isdigit() else stem)
+    missing = [name for name in wanted if name not in files]
+    if missing:
+        raise FileNotFoundError(
+            f"{dataset}: {len(missing)} of the {len(wanted)} names in {path} have no image "
+            f"(first: {', '.join(missing[:5])}); fix the split file or restore those images"
+        )
+    if not wanted:
+        raise ValueError(f"{dataset}: split_file {path} lists no names")
+    return {name: files[name] for name in sorted(set(wanted))}
+
+
+def pair_by_name(
+    dataset: str,
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    image_pattern: str,
+    label_pattern: str,
+    fix: str,
+) -> list[str]:
+    """The names (sorted) present in both ``images`` and ``labels``; refuses any unpaired file
+    with one message giving the counts and the first few names on each side."""
+    no_label = sorted(images.keys() - labels.keys())
+    no_image = sorted(labels.keys() - images.keys())
+    if no_label or no_image:
+        parts = []
+        if no_label:
+            shown = ", ".join(str(images[n]) for n in no_label[:3])
+            parts.append(f"{len(no_label)} of {len(images)} images have no label (first: {shown})")
+        if no_image:
+            shown = ", ".join(str(labels[n]) for n in no_image[:3])
+            parts.append(f"{len(no_image)} of {len(labels)} labels have no image (first: {shown})")
+        raise ValueError(
+            f"{dataset}: {'; '.join(parts)}. Images are {image_pattern} and labels "
+            f"{label_pattern}, paired by name. {fix}"
+        )
+    return sorted(images)
+
+
+def folder_pairs(
+    dataset: str,
+    root: Path,
+    image_pattern: str,
+    label_pattern: str,
+    labelled: bool,
+    split_file: str | Path | None = None,
+    digits: int = 0,
+) -> tuple[list[str], list[Path], list[Path] | None]:
+    """(names, images, labels or None) of a flat image folder and label folder paired by file
+    stem (GTA5, SYNTHIA), restricted to ``split_file``'s names if given; labels are only listed
+    when ``labelled``."""
+    images = files_by_name(root, image_pattern, ".png")
+    if not images:
+        raise no_files_error(dataset, root, image_pattern, "check root (the dataset's folder)")
+    if split_file is not None:
+        images = select_names(images, split_file, digits, dataset)
+    names = sorted(images)
+    if not labelled:
+        return names, [images[name] for name in names], None
+    labels = files_by_name(root, label_pattern, ".png")
+    if split_file is not None:
+        labels = {name: path for name, path in labels.items() if name in images}
+    fix = (
+        "Restore the missing files, pass split_file=... listing the pairs to use, or "
+        "labelled=False for an unlabelled set."
+    )
+    pair_by_name(dataset, images, labels, image_pattern, label_pattern, fix)
+    return names, [images[name] for name in names], [labels[name] for name in names]

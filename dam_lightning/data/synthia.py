@@ -1,0 +1,117 @@
+"""SYNTHIA-RAND-CITYSCAPES in its released layout: RGB/NNNNNNN.png + GT/LABELS/NNNNNNN.png.
+
+Only says where the files are and how its 16-bit label PNGs are read (class id in channel 0,
+instance id in channel 1; PIL would silently reduce them to 8 bits, so torchvision.io decodes
+them). Decoding of images, transforms and checks live in ``segmentation.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+from dam_lightning.data.labels import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABEL_IDS,
+    CITYSCAPES_PALETTE,
+    SYNTHIA_13_CLASSES,
+    SYNTHIA_16_CLASSES,
+    SYNTHIA_ID_TO_TRAIN_ID,
+)
+from dam_lightning.data.segmentation import (
+    DecodeError,
+    LabelSize,
+    SegmentationDataset,
+    check_root,
+    decode_error,
+    folder_pairs,
+)
+from dam_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["SYNTHIA"]
+
+
+class SYNTHIA(SegmentationDataset):
+    """SYNTHIA-RAND-CITYSCAPES pairs ``RGB/NNNNNNN.png`` + ``GT/LABELS/NNNNNNN.png``.
+
+    Class ids (channel 0 of the 16-bit label PNGs) are mapped to Cityscapes trainIds, so
+    predictions and metrics use the 19 Cityscapes classes; ``class_subsets`` names the 16- and
+    13-class protocols it is scored on. Images may be RGB or RGBA (alpha is dropped). Item names
+    are the 7-digit stems (``"0000042"``); ``split_file`` optionally lists the items to use. See
+    ``SegmentationDataset`` for the other arguments.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "RGB").mkdir(); (root / "GT" / "LABELS").mkdir(parents=True)
+        >>> Image.new("RGBA", (16, 8)).save(root / "RGB" / "0000001.png")
+        >>> ids = np.stack([np.full((8, 16), 8), np.full((8, 16), 3), np.zeros((8, 16))], -1)
+        >>> Image.fromarray(ids.astype(np.uint8)).save(root / "GT" / "LABELS" / "0000001.png")
+        >>> ds = SYNTHIA(root, size=(4, 8))  # (the real labels are 16-bit; 8-bit reads too)
+        >>> ds, ds.item_name(0), ds[0][1].unique().tolist()  # class 8 (car) -> trainId 13
+        (SYNTHIA(size=(4, 8), images=1), '0000001', [13])
+        >>> sorted(ds.class_subsets), len(ds.class_subsets["13"])
+        (['13', '16'], 13)
+    """
+
+    classes = CITYSCAPES_CLASSES
+    palette = CITYSCAPES_PALETTE
+    label_ids = CITYSCAPES_LABEL_IDS
+    class_subsets = {"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}
+    id_to_train_id = SYNTHIA_ID_TO_TRAIN_ID
+    max_label_id = 255
+    label_hint = (
+        "SYNTHIA class ids are below 256; expected GT/LABELS/*.png of SYNTHIA-RAND-CITYSCAPES "
+        "(class id in the first channel), not GT/COLOR/*.png"
+    )
+
+    def __init__(
+        self,
+        root: str | Path,
+        split_file: str | Path | None = None,
+        size: tuple[int, int] | None = (512, 1024),
+        label_size: LabelSize = "input",
+        train_augment: bool = False,
+        scale_range: tuple[float, float] = (0.5, 1.5),
+        crop_size: tuple[int, int] | None = None,
+        labelled: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        root = check_root(root, "SYNTHIA", "data.source.init_args.root", "RGB/ and GT/LABELS/")
+        names, images, labels = folder_pairs(
+            "SYNTHIA", root, "RGB/*.png", "GT/LABELS/*.png", labelled, split_file, digits=7
+        )
+        super().__init__(
+            images,
+            labels,
+            names,
+            split=Path(split_file).stem if split_file is not None else None,
+            size=size,
+            label_size=label_size,
+            train_augment=train_augment,
+            scale_range=scale_range,
+            crop_size=crop_size,
+            labelled=labelled,
+            mean=mean,
+            std=std,
+        )
+
+    def read_label(self, path: Path) -> Tensor:
+        """Channel 0 (the class id) of the label PNG as uint8 (H, W), checked to be < 256."""
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders for TorchCodec, which is no
+                # dependency here; nothing else installed reads 16-bit multi-channel PNGs.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
+        except DecodeError as err:
+            raise decode_error(path, err) from err
+        class_ids = decoded[0].to(torch.int32)  # torch has no max() for uint16
+        return self.check_label_values(class_ids, path).to(torch.uint8)
