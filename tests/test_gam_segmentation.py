@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from dam_lightning.callbacks import AdaptationSummary, GaussianMatching
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
@@ -53,3 +54,40 @@ def test_a_few_gam_steps_on_erfnet_stay_finite_and_report_segmentation_metrics(p
     table = (tmp_path / "summary.md").read_text()
     assert "miou" in table and "iou/car" not in table  # per-class values go to summary.json
     assert "iou/car" in (tmp_path / "summary.json").read_text()
+    # F_t's BatchNorm statistics stay frozen: Gaussian matching (fold) leaves them as F_s's
+    for name, buffer in module.target_net.named_buffers():
+        if "running" in name:
+            assert torch.equal(buffer, module.source_net.get_buffer(name)), name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_erfnet_leaves_identical_weights_and_scores_every_image_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_segmentation_run.py"), str(tmp_path),
+         "one_pass"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+    module = GAMAdaptModule(
+        _small_erfnet, num_classes=3, task="segmentation", class_names=CLASSES,
+        layers={"encoder.layers.6": 1.0, "output": 1.0}, discriminator_width=8,
+    )  # fmt: skip
+    module.load_state_dict({k: v for k, v in rank0.items() if k != "val/target/miou"})
+    loader = DataLoader(Scenes(7, (32, 64), seed=2, shift=0.5), batch_size=3)
+    expected = module.task.evaluate(module.target_net, loader, torch.device("cpu"))["miou"]
+    assert rank0["val/target/miou"].item() == pytest.approx(expected, abs=1e-6)
+    moved = [k for k in rank0 if k.startswith("target_net.") and k.endswith("weight")
+             and not torch.equal(rank0[k], rank0[k.replace("target_net.", "source_net.")])]  # fmt: skip
+    assert moved, "the target network did not change"

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
@@ -69,6 +70,11 @@ class GAMAdaptModule(EvaluatingModule):
             (64 -> 128 -> 256 channels at the default); the MLP discriminators of vector
             layers keep the paper's 500-500. A GAM step's cost over a source step grows with it
             (docs/results/segmentation_speed.md).
+        freeze_target_batchnorm: keep F_t's BatchNorm layers in eval mode while adapting:
+            their running statistics stay those of F_s after Gaussian matching (which folds its
+            correction against them), their gamma/beta still train. Otherwise the 1-4 images
+            per GPU of a segmentation batch would replace them with noisy running averages, and
+            under DDP each process would keep its own (only gradients are synchronised).
         task, class_names, class_subsets: what the data is (linked from the data module by the
             CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
         class_weights: segmentation only: per-class weights of the cross-entropy of the source
@@ -102,6 +108,7 @@ class GAMAdaptModule(EvaluatingModule):
         target_scheduler: LRSchedulerCallable | None = None,
         example_input_shape: tuple[int, ...] | None = None,
         discriminator_width: int = 64,
+        freeze_target_batchnorm: bool = True,
         task: TaskName = "classification",
         class_names: Sequence[str] | None = None,
         class_subsets: Mapping[str, Sequence[str]] | None = None,
@@ -171,17 +178,23 @@ class GAMAdaptModule(EvaluatingModule):
         return self.target_net
 
     def train(self, mode: bool = True):
-        """Switch train/eval mode; F_s stays in eval mode whatever the trainer asks."""
+        """Switch train/eval mode; F_s stays in eval mode whatever the trainer asks, and so do
+        F_t's BatchNorm layers with ``freeze_target_batchnorm``."""
         super().train(mode)
         self.source_net.eval()
         if self.drift_anchor_net is not None:
             self.drift_anchor_net.eval()
+        if self.hparams.freeze_target_batchnorm:
+            for module in self.target_net.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
         return self
 
     # ---- stage 1: make F_s available, then F_t = F_s --------------------------------------------
 
     def on_fit_start(self) -> None:
         self._check_something_trains()
+        self.train()  # Lightning never calls train() itself: apply F_s's and F_t's BN modes
         if bool(self.source_ready):
             return  # resumed from a checkpoint that holds F_s and F_t
         if self.hparams.source_weights:
