@@ -9,12 +9,17 @@ matching (stage 2) runs from the ``GaussianMatching`` callback.
 from __future__ import annotations
 
 import copy
+import datetime
+import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -23,10 +28,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
 from dam_lightning.matching.drift import DriftReduction, weight_drift
-from dam_lightning.matching.taps import ActivationTaps
+from dam_lightning.matching.taps import ActivationTaps, resolve_layer
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
 from dam_lightning.modules.source import paper_source_optimizer, train_source_network
 from dam_lightning.modules.task import TaskName
+from dam_lightning.runs import checkpoint_origin, load_checkpoint
 
 
 def paper_adversarial_optimizer(params) -> torch.optim.Optimizer:
@@ -88,6 +94,7 @@ class GAMAdaptModule(EvaluatingModule):
     """
 
     train_domains = ("source", "target")
+    needs_unused_parameter_search = True  # the D step and the G step each reach part of it
 
     def __init__(
         self,
@@ -127,10 +134,16 @@ class GAMAdaptModule(EvaluatingModule):
         )
         self.automatic_optimization = False
         self.layers = dict({"fc3": 0.1, "fc4": 1.0} if layers is None else layers)
+        _check_settings(self.layers, adversarial_weight, drift_weight, source_steps)
         self.source_net = net(num_classes)
         self.target_net = net(num_classes)
         self.source_net.requires_grad_(False).eval()
         self.target_net.load_state_dict(self.source_net.state_dict())
+        for name in self.layers:  # a typo in a config gets its own message, naming the key
+            try:
+                resolve_layer(self.source_net, name)
+            except ValueError as err:
+                raise ValueError(f"layers: {err}") from None
         if drift_anchor not in ("source", "matched"):
             raise ValueError(f"drift_anchor must be 'source' or 'matched', got {drift_anchor!r}")
         # The weights the drift term pulls F_t towards: F_s itself, or a frozen copy of F_t
@@ -198,7 +211,8 @@ class GAMAdaptModule(EvaluatingModule):
         if bool(self.source_ready):
             return  # resumed from a checkpoint that holds F_s and F_t
         if self.hparams.source_weights:
-            load_network_weights(self.source_net, self.hparams.source_weights)
+            origin = load_network_weights(self.source_net, self.hparams.source_weights)
+            rank_zero_info(f"Source network F_s: {self.hparams.source_weights} ({origin})")
         elif self.hparams.source_steps > 0:
             self._train_source_network()
         else:
@@ -235,20 +249,63 @@ class GAMAdaptModule(EvaluatingModule):
             )
 
     def _train_source_network(self) -> None:
-        steps = self.hparams.source_steps
-        rank_zero_info(f"Training the source network for {steps} batches (source_steps={steps})")
+        """Train F_s for ``source_steps`` batches. Under DDP it is trained once, data-parallel:
+        each process takes its own share of the source data and the gradients are averaged
+        across processes at every step (like ``SourceModule`` under DDP), so every process
+        holds the same F_s; rank 0's copy is broadcast afterwards all the same."""
+        steps, world = self.hparams.source_steps, self.trainer.world_size
+        data = self.trainer.datamodule
+        loader = (
+            data.source_dataloader(rank=self.trainer.global_rank, world_size=world)
+            if world > 1
+            else data.source_dataloader()
+        )
         self.source_net.requires_grad_(True)
         optimizer = self.optimizer_factories["source"](self.source_net.parameters())
-        losses = train_source_network(
-            self.source_net,
-            self.trainer.datamodule.source_dataloader(),
-            steps,
-            self.task,
-            optimizer,
-            self.device,
-        )
+        bar = self._source_progress_bar(steps)
+
+        def show(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        try:
+            losses = train_source_network(
+                self.source_net,
+                loader,
+                steps,
+                self.task,
+                optimizer,
+                self.device,
+                on_step=show if bar is not None else None,
+                average_gradients=world > 1,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
         self.source_net.requires_grad_(False).eval()
-        rank_zero_info(f"Source network trained: last loss {losses[-1]:.4f}")
+        shards = f" on {world} processes" if world > 1 else ""
+        rank_zero_info(f"Source network trained for {steps} batches{shards}: last loss "
+                       f"{losses[-1]:.4f}")  # fmt: skip
+
+    def _source_progress_bar(self, steps: int) -> Tqdm | None:
+        """A bar in the look of Lightning's, on rank 0 where the trainer shows one."""
+        progress = self.trainer.progress_bar_callback
+        if not (
+            self.trainer.is_global_zero
+            and isinstance(progress, TQDMProgressBar)
+            and progress.is_enabled
+        ):
+            rank_zero_info(f"Training the source network for {steps} batches (source_steps)")
+            return None
+        return Tqdm(
+            desc="Source network",
+            total=steps,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=TQDMProgressBar.BAR_FORMAT,
+        )
 
     # ---- stage 3: one discriminator step, one target step per batch ------------------------------
 
@@ -262,41 +319,87 @@ class GAMAdaptModule(EvaluatingModule):
         with torch.no_grad():
             source_acts = self.source_taps(x_s)
         target_acts = self.target_taps(x_t)
+        losses = {}
         if self.discriminators:
-            self._discriminator_step(optimizers[0], source_acts, target_acts)
-        self._target_step(optimizers[-1], target_acts)
+            losses = self._discriminator_step(optimizers[0], source_acts, target_acts)
+        self._target_step(optimizers[-1], target_acts, losses, batch_idx)
         self._step_schedulers()
 
-    def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> None:
+    def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> dict:
+        """One step of the discriminators; returns their losses (for the finiteness check)."""
         self.toggle_optimizer(optimizer)
-        total = 0.0
+        total, losses = 0.0, {}
         for name, weight in self.layers.items():
             d = self.discriminators[_key(name)]
             real, fake = d(source_acts[name]), d(target_acts[name].detach())
             loss = self.gan.discriminator_loss(real, fake)
             total = total + weight * loss
+            losses[f"train/loss_d/{name}"] = loss.detach()
             self.log(f"train/loss_d/{name}", loss)
             self.log(f"train/acc_d/{name}", self.gan.accuracy(real, fake), prog_bar=True)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
+        return losses
 
-    def _target_step(self, optimizer, target_acts: dict) -> None:
+    def _target_step(self, optimizer, target_acts: dict, losses: dict, batch_idx: int) -> None:
         self.toggle_optimizer(optimizer)
         adversarial = torch.zeros((), device=self.device)
+        losses = dict(losses)
         for name, weight in self.layers.items():
             loss = self.gan.generator_loss(self.discriminators[_key(name)](target_acts[name]))
             adversarial = adversarial + weight * loss
+            losses[f"train/loss_g/{name}"] = loss.detach()
             self.log(f"train/loss_g/{name}", loss)
         drift = weight_drift(self.target_net, self.drift_reference, self.hparams.drift_reduction)
         total = self.hparams.adversarial_weight * adversarial + self.hparams.drift_weight * drift
+        losses["train/drift"] = drift.detach()
         self.log("train/drift", drift)
         self.log("train/loss_g", total)
+        self._stop_unless_finite(losses, batch_idx)  # before F_t's update: its weights stay good
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
+
+    def _stop_unless_finite(self, losses: dict, batch_idx: int) -> None:
+        """Raise FloatingPointError naming the first loss of this batch that is NaN or inf, the
+        layer it belongs to and the step (one device sync per batch)."""
+        values = torch.stack([v.float().reshape(()) for v in losses.values()])
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        index = int((~finite).nonzero()[0])
+        key = list(losses)[index]
+        layer = key.rsplit("/", 1)[-1]
+        what = {
+            "train/loss_d": f"the discriminator loss of layer {layer}",
+            "train/loss_g": f"the adversarial loss of F_t at layer {layer}",
+        }.get(key.rsplit("/", 1)[0], "the weight drift")
+        raise FloatingPointError(
+            f"{what} ({key}) is {float(values[index])} at epoch {self.current_epoch}, batch "
+            f"{batch_idx} (global step {self.trainer.global_step}); training stopped before F_t "
+            f"was updated with it. {_last_checkpoint_text(self.trainer)} Lower the learning "
+            "rates or adversarial_weight, or check the data for NaN/inf"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write a checkpoint whose weights hold NaN or inf: the last good one stays
+        the newest on disk."""
+        named = [(n, p) for n, p in self.named_parameters() if p.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([p.detach().isfinite().all() for _, p in named])
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+        raise FloatingPointError(
+            f"weights {', '.join(bad[:3])} hold NaN or inf at epoch {self.current_epoch} (global "
+            f"step {self.trainer.global_step}): no checkpoint written. "
+            f"{_last_checkpoint_text(self.trainer)} Lower the learning rates or "
+            "adversarial_weight"
+        )
 
     def _step_schedulers(self) -> None:
         schedulers = self.lr_schedulers()
@@ -325,8 +428,9 @@ def _key(layer: str) -> str:
     return layer.replace(".", "__")
 
 
-def load_network_weights(net: nn.Module, path: str) -> None:
-    """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict.
+def load_network_weights(net: nn.Module, path: str) -> str:
+    """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict; returns
+    where the file came from (its run folder, if recorded, and when it was written).
 
     A Lightning checkpoint's ``state_dict`` is searched for the ``net.`` prefix (SourceModule)
     and then ``target_net.`` (a GAM checkpoint, to adapt further). Only load files you trust:
@@ -334,13 +438,13 @@ def load_network_weights(net: nn.Module, path: str) -> None:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"source_weights file {path} does not exist; train one with "
-            "`python -m dam_lightning fit --config configs/<name>_source.yaml` or set source_steps"
+            f"source_weights: {path} does not exist; train it with `python -m dam_lightning fit "
+            "--config configs/<name>_source.yaml` (which saves it there) or set source_steps"
         )
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    blob = load_checkpoint(path, "source_weights")
+    state = blob.get("state_dict", blob)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a checkpoint or state dict")
+        raise ValueError(f"source_weights: {path} holds no state dict")
     for prefix in ("net.", "target_net."):
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -355,6 +459,27 @@ def load_network_weights(net: nn.Module, path: str) -> None:
             f"unexpected {result.unexpected_keys[:5]}; was it trained with the same net and "
             "num_classes?"
         )
+    written = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M")
+    run = checkpoint_origin(blob)
+    return f"written {written}" + (f" by the run in {run}" if run else "")
+
+
+def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps) -> None:
+    """Refuse weights that are negative, NaN or inf, and negative step counts, at construction."""
+    for name, value in [("adversarial_weight", adversarial_weight), ("drift_weight", drift_weight),
+                        *((f"layers[{k!r}]", v) for k, v in layers.items())]:  # fmt: skip
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if source_steps < 0:
+        raise ValueError(f"source_steps must be >= 0, got {source_steps}")
+
+
+def _last_checkpoint_text(trainer) -> str:
+    checkpoint = getattr(trainer, "checkpoint_callback", None)
+    path = checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path)
+    if path:
+        return f"The last checkpoint written before it is {path}."
+    return "No checkpoint had been written yet."
 
 
 def _broadcast_from_rank_zero(net: nn.Module) -> None:

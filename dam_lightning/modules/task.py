@@ -98,27 +98,35 @@ class Task:
             bad = labels[~valid][0].item()
             ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
             raise ValueError(
-                f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore}; check the "
-                "dataset or set num_classes to match it"
+                f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore} "
+                f"(num_classes={self.num_classes}); labels must be class indices counted from 0 "
+                "(e.g. remap 1..10 to 0..9), or the dataset's num_classes is wrong"
             )
 
-    def update(self, metrics, net: nn.Module, x: Tensor, labels: Tensor) -> None:
-        """Score one labelled batch: predict at the labels' size, update ``metrics``."""
+    def update(
+        self, metrics, net: nn.Module, x: Tensor, labels: Tensor, where: str = "evaluation batch"
+    ) -> None:
+        """Score one labelled batch: check its labels (``where`` names it in the error),
+        predict at the labels' size, update ``metrics``."""
+        self.check_labels(labels, where)
         metrics.update(self.predict(net, x, self.label_size(labels)), labels)
 
     @torch.no_grad()
     def evaluate(
         self, net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
     ) -> dict[str, float]:
-        """Metrics of ``net`` over labelled batches, in eval mode (the mode is restored after)."""
-        was_training = net.training
+        """Metrics of ``net`` over labelled batches, in eval mode; every submodule's own mode is
+        restored after (``net.train()`` would also wake layers kept in eval mode on purpose,
+        such as F_t's frozen BatchNorms)."""
+        modes = {module: module.training for module in net.modules()}
         net.eval()
         metrics = self.metrics().to(device)
         try:
             for x, y in batches:
                 self.update(metrics, net, x.to(device), y.to(device))
         finally:
-            net.train(was_training)
+            for module, mode in modes.items():
+                module.training = mode
         return {name: float(value) for name, value in metrics.compute().items()}
 
 
