@@ -17,12 +17,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dam_lightning.matching.taps import resolve_layer
 
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONV_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# _BatchNorm, not BatchNorm{1,2,3}d: nn.SyncBatchNorm (a sync_batchnorm run) derives only from it.
+BATCHNORM_LAYERS = (_BatchNorm,)
 MATCHABLE_LAYERS = WEIGHTED_LAYERS + TRANSPOSED_CONV_LAYERS + BATCHNORM_LAYERS
 
 
@@ -112,9 +114,10 @@ class ChannelStatsAccumulator:
 
 def foldable_layers(net: nn.Module) -> list[str]:
     """Dotted names of the layers of ``net`` a correction can be folded into, in registration
-    order: every Conv{1,2,3}d / ConvTranspose{1,2,3}d / Linear with a bias, and every
-    BatchNorm{1,2,3}d. A Conv/Linear without a bias is left out: it normally feeds a BatchNorm,
-    which is matched instead (its output is that layer's output up to an affine map).
+    order: every Conv{1,2,3}d / ConvTranspose{1,2,3}d / Linear with a bias, and every BatchNorm
+    (BatchNorm{1,2,3}d, SyncBatchNorm). A Conv/Linear without a bias is left out: it normally
+    feeds a BatchNorm, which is matched instead (its output is that layer's output up to an
+    affine map). So is a grouped transposed convolution, which ``gaussian_match`` refuses.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
@@ -122,12 +125,24 @@ def foldable_layers(net: nn.Module) -> list[str]:
         >>> foldable_layers(net)
         ['1', '4']
     """
-    return [
-        name
-        for name, module in net.named_modules()
-        if isinstance(module, BATCHNORM_LAYERS)
-        or (isinstance(module, MATCHABLE_LAYERS) and module.bias is not None)
-    ]
+    return [name for name, module in net.named_modules() if _is_foldable(module)]
+
+
+def _is_foldable(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters a correction folds into: a BatchNorm, or a
+    Conv/ConvTranspose/Linear with a bias that ``_check_matchable`` accepts. (Whether a
+    BatchNorm suits ``batchnorm="fold"`` or ``"adabn"`` is checked once that is known.)"""
+    if isinstance(module, BATCHNORM_LAYERS):
+        return True
+    if not isinstance(module, MATCHABLE_LAYERS) or module.bias is None:
+        return False
+    return not _is_grouped_transposed(module)
+
+
+def _is_grouped_transposed(module: nn.Module) -> bool:
+    # Its weight is (in, out / groups, ...): output channels span dims 0 and 1, so a
+    # per-output-channel scale is not one broadcast along dim 1 (see _fold_correction).
+    return isinstance(module, TRANSPOSED_CONV_LAYERS) and module.groups != 1
 
 
 def measure_statistics(
@@ -265,7 +280,10 @@ def gaussian_match(
         batchnorm: ``"fold"`` folds the correction of a BatchNorm's output into its gamma and
             beta (exact). ``"adabn"`` (AdaBN) leaves gamma/beta alone and sets its running
             mean/var to the mean/population variance of its input on the target data; the
-            report's alpha/beta then hold the equivalent affine change of its output.
+            report's alpha/beta then hold the equivalent affine change of its output. Its
+            output on the target data then has mean beta and std |gamma| (times
+            sqrt(var / (var + eps))): the source statistics only where F_s's running statistics
+            are those of the source data. Conv/Linear layers are folded in both treatments.
         mode: ``"one_pass"`` runs each target batch through F_t once, all batches in
             lockstep: each matched layer's hook waits until every batch has reached it,
             measures its output over all of them, folds the correction and hands each batch
@@ -735,8 +753,8 @@ def _check_matchable(name: str, module: nn.Module, batchnorm: str) -> None:
         raise ValueError(
             f"layer {name!r} is a {kind}, which has no weights to fold a correction into; "
             "Gaussian matching corrects Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and "
-            "BatchNorm1d/2d/3d layers. To match an activation after a ReLU (or another "
-            "parameter-free layer), name the Conv/Linear before it"
+            "BatchNorm (1d/2d/3d, SyncBatchNorm) layers. To match an activation after a ReLU (or "
+            "another parameter-free layer), name the Conv/Linear before it"
         )
     if isinstance(module, BATCHNORM_LAYERS):
         if batchnorm == "fold" and not module.affine:
@@ -756,7 +774,7 @@ def _check_matchable(name: str, module: nn.Module, batchnorm: str) -> None:
             f"layer {name!r} ({kind}) has no bias to take the mean correction; build it "
             "with bias=True, or match the BatchNorm that follows it instead"
         )
-    if isinstance(module, TRANSPOSED_CONV_LAYERS) and module.groups != 1:
+    if _is_grouped_transposed(module):
         raise ValueError(
             f"layer {name!r} ({kind}) has groups={module.groups}; only transposed "
             "convolutions with groups=1 can be folded: leave it out of `layers`"

@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-
 OUTPUT = "output"
 """The tap name of the network's own output (its logits), whatever its last layer is called, so
 one config (e.g. the ADDA ablation, ``layers: {output: 1.0}``) fits LeNet and ERFNet alike."""

@@ -1,0 +1,357 @@
+"""Speed and memory of the segmentation pieces on ERFNet (19 classes, width 1), with synthetic
+tensors: no data set, no checkpoint, no download.
+
+    python benchmarks/segmentation_speed.py [--device cpu|cuda] [--threads N]
+        [--batches 4 8] [--batch-size 2] [--size 256x512] [--eval-size 512x1024]
+        [--eval-images 4] [--report PATH]
+
+(a) Gaussian matching: the cost of ``gaussian_match`` (every foldable layer, batchnorm="fold")
+    in units of one forward pass of F_t over the same calibration batches, and its peak memory,
+    for ``one_pass`` and ``layerwise``, beside a plain forward pass over those batches, for
+    each number of calibration batches in --batches (one_pass's memory grows with it). Each
+    runs in a fresh subprocess that first loads the networks, the calibration batches and the
+    source statistics (measured here, in the parent), so that nothing else has raised the
+    process's peak: peak memory is the peak resident set (VmHWM, CPU) or
+    ``torch.cuda.max_memory_allocated`` (CUDA) during the run, less what was resident before
+    it (the networks, the calibration batches, the source statistics). The forward pass that
+    is the unit is timed afterwards in the same process (median of 3).
+(b) Evaluation throughput as the protocol scores Cityscapes (method.md section 5): ERFNet
+    forward at --eval-size, bilinear upsampling of the logits to the label's 1024x2048,
+    argmax, and a torchmetrics ``MulticlassConfusionMatrix(19, ignore_index=255)`` update:
+    images/s.
+
+Sizes are H x W. The default calibration size is 256x512 on the CPU (about five minutes on 2
+cores) and 512x1024 on CUDA. It only measures: it changes no file but --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from dam_lightning.matching import (
+    ActivationTaps,
+    foldable_layers,
+    gaussian_match,
+    measure_statistics,
+)
+from dam_lightning.models import ERFNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
+from machine import command_line, describe, provenance  # noqa: E402
+
+NUM_CLASSES = 19
+LABEL_SIZE = (1024, 2048)  # Cityscapes' gtFine, (H, W)
+IGNORE_INDEX = 255
+RUNS = ("forward", "one_pass", "layerwise")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x512"`` -> (256, 512), (H, W)."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 256x512") from None
+    return height, width
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[4, 8], help="calibration batches, per run"
+    )
+    parser.add_argument("--batch-size", type=int, default=2, help="images per calibration batch")
+    parser.add_argument(
+        "--size", type=parse_size, help="calibration HxW (default 256x512 CPU, 512x1024 CUDA)"
+    )
+    parser.add_argument("--eval-size", type=parse_size, default=(512, 1024), help="network HxW")
+    parser.add_argument("--eval-images", type=int, default=4, help="timed, after one warm-up")
+    parser.add_argument("--report", help="also write the figures as Markdown to this file")
+    parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size is None:
+        args.size = (512, 1024) if args.device == "cuda" else (256, 512)
+    return args
+
+
+def synthetic_batches(args, count: int, seed: int, shift: float = 0.0) -> list[torch.Tensor]:
+    """``count`` normalised-RGB-like batches; ``shift`` makes a different domain."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (args.batch_size, 3, *args.size)
+    return [
+        ((1 + shift) * torch.randn(shape, generator=g) + shift).to(args.device)
+        for _ in range(count)
+    ]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn, device: str) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def forward_pass(net: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """One forward pass of ``net`` over the calibration batches, as measure_statistics runs it."""
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+
+
+# (a) Gaussian matching: the parent prepares files, each run is a fresh subprocess.
+
+
+def prepare_matching(args, workdir: Path) -> dict:
+    """Save F_s's weights and its source statistics on source batches for the subprocesses;
+    return the number of matched layers and the largest matched layer's output for one
+    calibration batch (what one_pass holds per paused batch, at least)."""
+    torch.manual_seed(0)
+    source_net = ERFNet(NUM_CLASSES).to(args.device).eval()
+    layers = foldable_layers(source_net)
+    stats = measure_statistics(source_net, synthetic_batches(args, 2, seed=0), layers)
+    torch.save(source_net.state_dict(), workdir / "source_net.pt")
+    torch.save(stats, workdir / "source_stats.pt")
+    with torch.no_grad():
+        acts = ActivationTaps(source_net, layers)(synthetic_batches(args, 1, seed=0)[0])
+    name, largest = max(acts.items(), key=lambda item: item[1].numel())
+    return {"layers": len(layers), "largest": name, "largest_mib": _mib(largest)}
+
+
+def _mib(t: torch.Tensor) -> float:
+    return t.numel() * t.element_size() / 2**20
+
+
+def measure_run(args) -> dict:
+    """In a fresh process: load everything, then time one ``args.run`` and take its peak memory
+    above what was resident before it; then time the unit, one forward pass (median of 3)."""
+    workdir = Path(args.workdir)
+    source_net = ERFNet(NUM_CLASSES, weights=str(workdir / "source_net.pt")).to(args.device)
+    source_net.eval()
+    target_net = copy.deepcopy(source_net)
+    stats = torch.load(workdir / "source_stats.pt", weights_only=False)
+    target = synthetic_batches(args, args.batches[0], seed=1, shift=0.5)
+    baseline = _memory_baseline(args.device)
+    with torch.no_grad():  # one image: the kernels' first-call set-up, under any run's peak
+        target_net(target[0][:1])
+    if args.run == "forward":
+        seconds = _seconds(lambda: forward_pass(target_net, target), args.device)
+    else:
+        seconds = _seconds(
+            lambda: gaussian_match(
+                source_net, target_net, [], target, source_stats=stats, mode=args.run
+            ),
+            args.device,
+        )
+    peak = _memory_peak(args.device) - baseline
+    unit = statistics.median(
+        _seconds(lambda: forward_pass(target_net, target), args.device) for _ in range(3)
+    )
+    return {"seconds": seconds, "forward_seconds": unit, "peak_mib": peak / 2**20}
+
+
+def _memory_baseline(device: str) -> int:
+    """Bytes in use now, with the peak counter reset: allocated CUDA memory, or the resident
+    set. Not ``ru_maxrss``: Linux carries it across exec, so a subprocess would start at its
+    parent's peak. Writing 5 to /proc/self/clear_refs resets the peak resident set (VmHWM)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as err:
+        raise RuntimeError(
+            f"peak CPU memory needs Linux's /proc/self/clear_refs ({err}); use --device cuda"
+        ) from err
+    return _proc_status_bytes("VmRSS")
+
+
+def _memory_peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def run_in_subprocess(args, run: str, batches: int, workdir: Path) -> dict:
+    """``measure_run`` for ``run`` on ``batches`` calibration batches in a fresh process."""
+    command = [
+        sys.executable, __file__, "--run", run, "--workdir", str(workdir),
+        "--device", args.device, "--batches", str(batches), "--batch-size", str(args.batch_size),
+        "--size", size_text(args.size),
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {run!r} measurement failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "passes": result["seconds"] / result["forward_seconds"]}
+
+
+def gaussian_matching_cost(args) -> dict:
+    """For each calibration-set size in ``args.batches``: seconds, forward-pass units and peak
+    memory of each run in RUNS."""
+    with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
+        network = prepare_matching(args, workdir)
+        runs = {
+            (batches, run): run_in_subprocess(args, run, batches, workdir)
+            for batches in args.batches
+            for run in RUNS
+        }
+    return {**network, "runs": runs}
+
+
+# (b) Evaluation throughput.
+
+
+def evaluation_throughput(args) -> dict:
+    """Images/s of forward + upsample to the label + argmax + confusion-matrix update, one
+    image per step, after one warm-up image; with the time split at the logits."""
+    torch.manual_seed(0)
+    net = ERFNet(NUM_CLASSES).to(args.device).eval()
+    confusion = MulticlassConfusionMatrix(
+        NUM_CLASSES, ignore_index=IGNORE_INDEX, validate_args=False
+    ).to(args.device)
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(1, 3, *args.eval_size, generator=g).to(args.device)
+    label = torch.randint(0, NUM_CLASSES, (1, *LABEL_SIZE), generator=g)
+    label[:, :64] = IGNORE_INDEX  # some ignored pixels, as in every Cityscapes label
+    label = label.to(args.device)
+    forward_times, scoring_times = [], []
+    with torch.inference_mode():
+        for _ in range(args.eval_images + 1):
+            _synchronize(args.device)
+            start = time.perf_counter()
+            logits = net(image)
+            _synchronize(args.device)
+            middle = time.perf_counter()
+            score(logits, label, confusion)
+            _synchronize(args.device)
+            forward_times.append(middle - start)
+            scoring_times.append(time.perf_counter() - middle)
+    forward_times, scoring_times = forward_times[1:], scoring_times[1:]  # after the warm-up
+    total = [f + s for f, s in zip(forward_times, scoring_times, strict=True)]
+    return {
+        "images_per_s": 1 / statistics.median(total),
+        "forward_s": statistics.median(forward_times),
+        "scoring_s": statistics.median(scoring_times),
+    }
+
+
+def score(logits: torch.Tensor, label: torch.Tensor, confusion: MulticlassConfusionMatrix):
+    """The protocol's scoring of one batch: logits upsampled bilinearly to the label's size,
+    argmax, confusion-matrix update."""
+    upsampled = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    confusion.update(upsampled.argmax(dim=1), label)
+
+
+# The report.
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def matching_lines(args, cost: dict) -> list[str]:
+    """Section (a): a sentence, then a Markdown table with one row per run."""
+    memory = "peak resident set (VmHWM)" if args.device == "cpu" else "max_memory_allocated"
+    lines = [
+        f"(a) Gaussian matching of ERFNet (19 classes, width 1): {cost['layers']} matched layers "
+        f"(every BatchNorm and conv, batchnorm=fold), calibration batches of {args.batch_size} "
+        f"images at {size_text(args.size)} (H x W, {args.device}). Cost in forward passes of "
+        f"F_t over the same batches; peak memory = {memory} during the run less the memory in "
+        "use before it, in a fresh process. Largest matched activation: "
+        f"{cost['largest']}, {cost['largest_mib']:.0f} MiB per batch.",
+        "",
+        "| calibration | run | time (s) | forward passes | peak memory (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for (batches, run), result in cost["runs"].items():
+        passes = "1 (the unit)" if run == "forward" else f"{result['passes']:.2f}"
+        lines.append(
+            f"| {batches} x {args.batch_size} images | {run} | {result['seconds']:.1f} | "
+            f"{passes} | {result['peak_mib']:.0f} |"
+        )
+    return lines
+
+
+def evaluation_lines(args, throughput: dict) -> list[str]:
+    label = size_text(LABEL_SIZE)
+    return [
+        f"(b) Evaluation: ERFNet forward at {size_text(args.eval_size)} + bilinear "
+        f"upsampling to the {label} label + argmax + MulticlassConfusionMatrix update, "
+        f"one image per step ({args.device}): {throughput['images_per_s']:.2f} images/s "
+        f"(forward {throughput['forward_s']:.2f} s + scoring {throughput['scoring_s']:.2f} s "
+        f"per image; median of {args.eval_images})"
+    ]
+
+
+def write_report(path: Path, lines: list[str], argv: list[str]) -> None:
+    """The figures as Markdown, headed by the command and the machine, written atomically."""
+    text = "\n".join(
+        [
+            "# Segmentation speed",
+            "",
+            *provenance(
+                command_line("segmentation_speed.py", argv),
+                f". Run on {time.strftime('%Y-%m-%d')}; synthetic tensors, random weights.",
+            ),
+            "",
+            *lines,
+            "",
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.run:
+        print(json.dumps(measure_run(args)))
+        return
+    print(f"Machine: {describe()}", flush=True)
+    lines = matching_lines(args, gaussian_matching_cost(args))
+    print("\n".join(lines), flush=True)
+    lines += ["", *evaluation_lines(args, evaluation_throughput(args))]
+    print(lines[-1], flush=True)
+    if args.report:
+        write_report(Path(args.report), lines, argv)
+
+
+if __name__ == "__main__":
+    main()
