@@ -15,10 +15,17 @@ tensors: no data set, no checkpoint, no download.
     ``torch.cuda.max_memory_allocated`` (CUDA) during the run, less what was resident before
     it (the networks, the calibration batches, the source statistics). The forward pass that
     is the unit is timed afterwards in the same process (median of 3).
-(b) Evaluation throughput as the protocol scores Cityscapes (method.md section 5): ERFNet
-    forward at --eval-size, bilinear upsampling of the logits to the label's 1024x2048,
-    argmax, and a torchmetrics ``MulticlassConfusionMatrix(19, ignore_index=255)`` update:
-    images/s.
+(b) Evaluation throughput as the protocol scores Cityscapes (method.md section 5), through the
+    library's own evaluation path (``SegmentationTask.update``): ERFNet forward at
+    --eval-size, bilinear upsampling of the logits to the label's 1024x2048, and the
+    confusion-matrix update of ``SegmentationMetrics``: images/s.
+(c) A GAM iteration over a source-only iteration of the same batch size, both through the
+    Lightning Trainer (``GAMAdaptModule``: F_s forward, F_t forward, the discriminator step of
+    the 4 patch discriminators at ERFNet's layers 4, 8, 12 and the output, the F_t step with
+    the weight drift; ``SourceModule``: forward, cross-entropy, backward, step), at
+    --iteration-size, interleaved in one process (--rounds rounds of --iterations batches of
+    each; the first batch of every fit is not timed); median seconds per batch and their
+    ratio, for each --discriminator-widths.
 
 Sizes are H x W. The default calibration size is 256x512 on the CPU (about five minutes on 2
 cores) and 512x1024 on CUDA. It only measures: it changes no file but --report.
@@ -36,10 +43,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torch.utils.data import Dataset
 
+from dam_lightning.data import DomainAdaptationDataModule
+from dam_lightning.data.labels import CITYSCAPES_CLASSES
 from dam_lightning.matching import (
     ActivationTaps,
     foldable_layers,
@@ -47,6 +56,8 @@ from dam_lightning.matching import (
     measure_statistics,
 )
 from dam_lightning.models import ERFNet
+from dam_lightning.modules import GAMAdaptModule, SourceModule
+from dam_lightning.modules.task import SegmentationTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
 from machine import command_line, describe, provenance  # noqa: E402
@@ -79,12 +90,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-size", type=parse_size, default=(512, 1024), help="network HxW")
     parser.add_argument("--eval-images", type=int, default=4, help="timed, after one warm-up")
+    parser.add_argument(
+        "--iteration-size", type=parse_size, help="(c) HxW (default 256x512 CPU, 512x1024 CUDA)"
+    )
+    parser.add_argument("--iteration-batch", type=int, default=1, help="(c) images per domain")
+    parser.add_argument("--iterations", type=int, default=4, help="(c) timed batches per fit")
+    parser.add_argument("--rounds", type=int, default=3, help="(c) interleaved rounds")
+    parser.add_argument(
+        "--discriminator-widths", type=int, nargs="+", default=[64, 32], help="(c) D widths"
+    )
+    parser.add_argument(
+        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+        help="which measurements to run",
+    )  # fmt: skip
     parser.add_argument("--report", help="also write the figures as Markdown to this file")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = (512, 1024) if args.device == "cuda" else (256, 512)
+    if args.iteration_size is None:
+        args.iteration_size = (512, 1024) if args.device == "cuda" else (256, 512)
     return args
 
 
@@ -238,9 +264,8 @@ def evaluation_throughput(args) -> dict:
     image per step, after one warm-up image; with the time split at the logits."""
     torch.manual_seed(0)
     net = ERFNet(NUM_CLASSES).to(args.device).eval()
-    confusion = MulticlassConfusionMatrix(
-        NUM_CLASSES, ignore_index=IGNORE_INDEX, validate_args=False
-    ).to(args.device)
+    task = SegmentationTask(NUM_CLASSES, CITYSCAPES_CLASSES)
+    metrics = task.metrics().to(args.device)
     g = torch.Generator().manual_seed(2)
     image = torch.randn(1, 3, *args.eval_size, generator=g).to(args.device)
     label = torch.randint(0, NUM_CLASSES, (1, *LABEL_SIZE), generator=g)
@@ -254,7 +279,8 @@ def evaluation_throughput(args) -> dict:
             logits = net(image)
             _synchronize(args.device)
             middle = time.perf_counter()
-            score(logits, label, confusion)
+            # the task's scoring of those logits: upsampled to the label, argmax, update
+            metrics.update(task.predict(torch.nn.Identity(), logits, task.label_size(label)), label)
             _synchronize(args.device)
             forward_times.append(middle - start)
             scoring_times.append(time.perf_counter() - middle)
@@ -267,11 +293,84 @@ def evaluation_throughput(args) -> dict:
     }
 
 
-def score(logits: torch.Tensor, label: torch.Tensor, confusion: MulticlassConfusionMatrix):
-    """The protocol's scoring of one batch: logits upsampled bilinearly to the label's size,
-    argmax, confusion-matrix update."""
-    upsampled = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    confusion.update(upsampled.argmax(dim=1), label)
+# (c) GAM iteration / source iteration, through the Trainer.
+
+
+class SyntheticScenes(Dataset):
+    """``count`` random normalised images with random labels: speed only, no content."""
+
+    task, classes, num_classes = "segmentation", CITYSCAPES_CLASSES, NUM_CLASSES
+
+    def __init__(self, count: int, size: tuple[int, int], shift: float = 0.0):
+        self.count, self.size, self.shift = count, size, shift
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        g = torch.Generator().manual_seed(index)
+        image = (1 + self.shift) * torch.randn(3, *self.size, generator=g) + self.shift
+        return image, torch.randint(0, NUM_CLASSES, self.size, generator=g)
+
+
+class BatchTimer(L.Callback):
+    """Seconds of every training batch (hooks around ``training_step`` and its optimiser
+    steps), the first one of the fit left out (warm-up)."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds, self._start = device, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _synchronize(self.device)
+        if batch_idx > 0:
+            self.seconds.append(time.perf_counter() - self._start)
+
+
+def _timed_fit(args, module: L.LightningModule, data) -> list[float]:
+    timer = BatchTimer(args.device)
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, max_epochs=1, limit_train_batches=args.iterations + 1,
+        callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return timer.seconds
+
+
+def iteration_ratio(args) -> dict:
+    """Median seconds per batch of SourceModule and of GAMAdaptModule (per discriminator
+    width), fits interleaved round by round."""
+    count = args.iteration_batch * (args.iterations + 1)
+    data = DomainAdaptationDataModule(
+        SyntheticScenes(count, args.iteration_size),
+        SyntheticScenes(count, args.iteration_size, shift=0.5),
+        batch_size=args.iteration_batch,
+    )
+    shape = (3, *args.iteration_size)
+
+    def erfnet(num_classes: int) -> ERFNet:
+        return ERFNet(num_classes, example_input_shape=shape)
+
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "source.pt"
+        torch.save(erfnet(NUM_CLASSES).state_dict(), weights)
+        seconds = {"source": []} | {width: [] for width in args.discriminator_widths}
+        for _ in range(args.rounds):
+            source = SourceModule(erfnet, NUM_CLASSES, task="segmentation")
+            seconds["source"] += _timed_fit(args, source, data)
+            for width in args.discriminator_widths:
+                gam = GAMAdaptModule(
+                    erfnet, NUM_CLASSES, layers=ERFNet.paper_taps(), adversarial_weight=0.1,
+                    gan_loss="lsgan", drift_reduction="sum", source_weights=str(weights),
+                    discriminator_width=width, task="segmentation",
+                )  # fmt: skip
+                seconds[width] += _timed_fit(args, gam, data)
+    return {key: statistics.median(values) for key, values in seconds.items()}
 
 
 # The report.
@@ -308,11 +407,30 @@ def evaluation_lines(args, throughput: dict) -> list[str]:
     label = size_text(LABEL_SIZE)
     return [
         f"(b) Evaluation: ERFNet forward at {size_text(args.eval_size)} + bilinear "
-        f"upsampling to the {label} label + argmax + MulticlassConfusionMatrix update, "
+        f"upsampling to the {label} label + argmax + SegmentationMetrics update, "
         f"one image per step ({args.device}): {throughput['images_per_s']:.2f} images/s "
         f"(forward {throughput['forward_s']:.2f} s + scoring {throughput['scoring_s']:.2f} s "
         f"per image; median of {args.eval_images})"
     ]
+
+
+def iteration_lines(args, medians: dict) -> list[str]:
+    """Section (c): a sentence, then one row per discriminator width."""
+    lines = [
+        f"(c) One batch through the Trainer at {size_text(args.iteration_size)} "
+        f"({args.iteration_batch} source + {args.iteration_batch} target images, "
+        f"{args.device}, fp32), median of {args.rounds} interleaved rounds x "
+        f"{args.iterations} batches: source-only iteration (SourceModule) "
+        f"{medians['source']:.3f} s.",
+        "",
+        "| GAM iteration, 4 patch discriminators of width | seconds | / source iteration |",
+        "|---|---|---|",
+    ]
+    for width in args.discriminator_widths:
+        lines.append(
+            f"| {width} | {medians[width]:.3f} | {medians[width] / medians['source']:.2f}x |"
+        )
+    return lines
 
 
 def write_report(path: Path, lines: list[str], argv: list[str]) -> None:
@@ -345,10 +463,16 @@ def main(argv=None) -> None:
         print(json.dumps(measure_run(args)))
         return
     print(f"Machine: {describe()}", flush=True)
-    lines = matching_lines(args, gaussian_matching_cost(args))
-    print("\n".join(lines), flush=True)
-    lines += ["", *evaluation_lines(args, evaluation_throughput(args))]
-    print(lines[-1], flush=True)
+    lines: list[str] = []
+    sections = {
+        "a": lambda: matching_lines(args, gaussian_matching_cost(args)),
+        "b": lambda: evaluation_lines(args, evaluation_throughput(args)),
+        "c": lambda: iteration_lines(args, iteration_ratio(args)),
+    }
+    for key in args.sections:
+        section = sections[key]()
+        print("\n".join(section), flush=True)
+        lines += ([""] if lines else []) + section
     if args.report:
         write_report(Path(args.report), lines, argv)
 

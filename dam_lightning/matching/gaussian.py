@@ -332,8 +332,10 @@ def gaussian_match(
     modules = {name: resolve_layer(target_net, name) for name in names}
     for name, module in modules.items():
         _check_matchable(name, module, batchnorm)
-    calibration = list(target_batches)
-    if not calibration:
+    # A sequence is used as it is (e.g. batches kept on the CPU that move to the device when
+    # read), so that layerwise matching holds one batch on the device at a time.
+    calibration = target_batches if isinstance(target_batches, Sequence) else list(target_batches)
+    if len(calibration) == 0:
         raise ValueError("no target calibration batch was given")
 
     with torch.no_grad(), _eval_mode(source_net, target_net):
