@@ -38,15 +38,18 @@ import reproduce_digits as R  # noqa: E402
 from machine import command_line, provenance  # noqa: E402
 
 from dam_lightning.models import LeNet  # noqa: E402
+from dam_lightning.modules.task import ClassificationTask  # noqa: E402
 
 
 @torch.no_grad()
 def confusion_matrix(net: torch.nn.Module, data, num_classes: int = 10) -> torch.Tensor:
-    """Counts ``[true, predicted]`` of ``net`` (in eval mode) on ``data`` (torchmetrics)."""
+    """Counts ``[true, predicted]`` of ``net`` (in eval mode) on ``data`` (torchmetrics), from
+    the predictions the task scores everywhere else (``ClassificationTask.predict``)."""
     net.eval()
+    task = ClassificationTask(num_classes)
     counts = MulticlassConfusionMatrix(num_classes, validate_args=False)
     for x, y in DataLoader(data, batch_size=1000):
-        counts.update(net(x).argmax(dim=1), y)
+        counts.update(task.predict(net, x).argmax(dim=1), y)
     return counts.compute()
 
 

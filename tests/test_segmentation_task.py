@@ -136,3 +136,14 @@ def test_results_are_written_readable_and_run_files_never_share_a_name(tmp_path)
     with ThreadPoolExecutor(8) as pool:
         names = list(pool.map(lambda _: unused_path(str(tmp_path / "config.yaml")), range(16)))
     assert len(set(names)) == 16
+
+
+def test_source_module_trains_in_bf16_mixed_precision_with_finite_loss_and_metrics():
+    import math
+
+    module = SourceModule(TinySegNet, num_classes=3, task="segmentation", class_names=CLASSES)
+    dm = DomainAdaptationDataModule(Scenes(), Scenes(seed=1), batch_size=4)
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=None, precision="bf16-mixed")
+    trainer.fit(module, datamodule=dm)
+    assert math.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert math.isfinite(trainer.callback_metrics["val/target/pixel_acc"].item())
