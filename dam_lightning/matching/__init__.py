@@ -15,7 +15,9 @@ from dam_lightning.matching.gaussian import (
     GaussianMatchingReport,
     foldable_layers,
     gaussian_match,
+    mean_gap,
     measure_statistics,
+    std_gap,
 )
 from dam_lightning.matching.taps import ActivationTaps, resolve_layer
 
@@ -29,7 +31,9 @@ __all__ = [
     "discriminator_for",
     "foldable_layers",
     "gaussian_match",
+    "mean_gap",
     "measure_statistics",
     "resolve_layer",
+    "std_gap",
     "weight_drift",
 ]

@@ -205,32 +205,43 @@ class LayerMatch:
     def mean_gap_before(self) -> float:
         """Mean over channels of |mu_t - mu_s| / pooled std, before the correction (pooled std =
         sqrt((sigma_t^2 + sigma_s^2) / 2))."""
-        return _mean_gap(self.target_before, self.source)
+        return mean_gap(self.target_before, self.source)
 
     @property
     def mean_gap_after(self) -> float:
         """Mean over channels of |mu_t - mu_s| / pooled std, after the correction."""
-        return _mean_gap(self.target_after, self.source)
+        return mean_gap(self.target_after, self.source)
 
     @property
     def std_gap_before(self) -> float:
         """Mean over channels of |log(sigma_t / sigma_s)| (both + 1e-8), before the correction."""
-        return _std_gap(self.target_before, self.source)
+        return std_gap(self.target_before, self.source)
 
     @property
     def std_gap_after(self) -> float:
         """Mean over channels of |log(sigma_t / sigma_s)| (both + 1e-8), after the correction."""
-        return _std_gap(self.target_after, self.source)
+        return std_gap(self.target_after, self.source)
 
 
-def _mean_gap(target: ChannelStats, source: ChannelStats) -> float:
+def mean_gap(target: ChannelStats, source: ChannelStats) -> float:
+    """Mean over channels of |mu_t - mu_s| / pooled std (pooled std = sqrt((sigma_t^2 +
+    sigma_s^2) / 2)): how far apart two domains' per-channel means are.
+
+    Example:
+        >>> s = ChannelStats(torch.zeros(2).double(), torch.ones(2).double(), 10)
+        >>> t = ChannelStats(torch.ones(2).double(), torch.ones(2).double(), 10)
+        >>> round(mean_gap(t, s), 6), round(mean_gap(s, s), 6)
+        (1.0, 0.0)
+    """
     # In units of the pooled std, not the source std alone: a channel that is constant on the
     # source (a unit that weight decay has zeroed) would otherwise swamp the average.
     pooled = (0.5 * (target.std.square() + source.std.square())).sqrt()
     return ((target.mean - source.mean).abs() / (pooled + 1e-8)).mean().item()
 
 
-def _std_gap(target: ChannelStats, source: ChannelStats) -> float:
+def std_gap(target: ChannelStats, source: ChannelStats) -> float:
+    """Mean over channels of |log(sigma_t / sigma_s)| (both + 1e-8): how different two
+    domains' per-channel spreads are."""
     # The 1e-8 keeps a channel that is constant in one domain finite.
     return ((target.std + 1e-8) / (source.std + 1e-8)).log().abs().mean().item()
 

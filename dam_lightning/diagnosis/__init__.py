@@ -1,0 +1,30 @@
+"""The domain gap of a source network, layer by layer, before adapting it: Gaussian gaps and
+discriminability (proxy A-distance) of F_s's activations on source vs target data, the same after
+Gaussian matching, the paper's Fig. 3 histograms, and a recommendation of the layers to match.
+
+It only measures: the network it is given is never changed (Gaussian matching runs on a copy).
+The statistics are ``dam_lightning.matching.gaussian``'s; nothing here computes them a second way.
+"""
+
+from dam_lightning.diagnosis.discriminability import Discriminability, discriminability
+from dam_lightning.diagnosis.engine import diagnose, diagnose_datamodule
+from dam_lightning.diagnosis.recommend import RULE, recommend_layers
+from dam_lightning.diagnosis.result import (
+    FILES,
+    ChannelHistogram,
+    Diagnosis,
+    LayerDiagnosis,
+)
+
+__all__ = [
+    "FILES",
+    "RULE",
+    "ChannelHistogram",
+    "Diagnosis",
+    "Discriminability",
+    "LayerDiagnosis",
+    "diagnose",
+    "diagnose_datamodule",
+    "discriminability",
+    "recommend_layers",
+]

@@ -1,0 +1,99 @@
+"""The two pictures of a diagnosis: gaps and A-distance against depth (``gap_by_layer.png``) and
+the paper's Fig. 3, overlaid histograms of the channels with the largest gap (``histograms.png``).
+
+matplotlib's object API only (no pyplot): no global figure state, no display backend needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from matplotlib.figure import Figure
+
+COLOURS = {"source": "tab:blue", "target": "tab:red", "target, Gaussian-matched": "tab:green"}
+NAMED_TICKS = 24  # up to this many layers the x axis shows names, beyond it depth numbers
+
+
+def plot_gap_by_layer(diagnosis) -> Figure:
+    """Mean gap, std gap and A-distance against depth, before (solid) and after (dashed)
+    Gaussian matching; recommended layers marked on the A-distance panel."""
+    rows = diagnosis.layers
+    depth = [row.depth for row in rows]
+    figure = Figure(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), 6.5), layout="constrained")
+    gap_axes, distance_axes = figure.subplots(2, 1, sharex=True)
+    for gap, colour in (("mean_gap", "tab:purple"), ("std_gap", "tab:orange")):
+        for when, style in (("before", "-"), ("after", "--")):
+            values = [getattr(row, f"{gap}_{when}") for row in rows]
+            suffix = " after Gaussian matching" if when == "after" else ""
+            label = f"{gap.replace('_', ' ')}{suffix}"
+            gap_axes.plot(depth, values, style, marker="o", ms=3, color=colour, label=label)
+    gap_axes.set_ylabel("gap (pooled std / |log std ratio|)")
+    gap_axes.legend(fontsize="small")
+    gap_axes.set_title(f"Domain gap by layer: {diagnosis.settings.get('network', '')}")
+    for when, style in (("before", "-"), ("after", "--")):
+        values = [getattr(row, f"a_distance_{when}") for row in rows]
+        suffix = " after Gaussian matching" if when == "after" else ""
+        distance_axes.plot(depth, values, style, marker="o", ms=3, color="tab:blue",
+                           label=f"A-distance{suffix}")  # fmt: skip
+    recommended = [row for row in rows if row.name in diagnosis.recommendation]
+    distance_axes.scatter(
+        [row.depth for row in recommended],
+        [row.a_distance_after for row in recommended],
+        s=120, facecolors="none", edgecolors="black", zorder=3, label="recommended",
+    )  # fmt: skip
+    distance_axes.axhline(0, color="grey", lw=0.5)
+    distance_axes.set_ylim(min(-0.1, *(row.a_distance_after for row in rows)) - 0.05, 2.05)
+    distance_axes.set_ylabel("proxy A-distance")
+    distance_axes.legend(fontsize="small")
+    if len(rows) <= NAMED_TICKS:
+        distance_axes.set_xticks(depth, [row.name for row in rows], rotation=60, ha="right",
+                                 fontsize="small")  # fmt: skip
+    else:
+        distance_axes.set_xlabel("depth (layer names: diagnose.md)")
+    return figure
+
+
+def plot_histograms(diagnosis) -> Figure:
+    """One panel per (layer, channel) of ``diagnosis.histograms``, one row per layer: source,
+    target and Gaussian-matched target values overlaid as density histograms."""
+    layers = list(dict.fromkeys(h.layer for h in diagnosis.histograms))
+    columns = max([sum(h.layer == layer for h in diagnosis.histograms) for layer in layers] or [1])
+    figure = Figure(figsize=(3.2 * columns, 2.4 * max(len(layers), 1) + 0.6), layout="constrained")
+    axes = figure.subplots(max(len(layers), 1), columns, squeeze=False)
+    for row, layer in enumerate(layers):
+        panels = [h for h in diagnosis.histograms if h.layer == layer]
+        for column in range(columns):
+            ax = axes[row][column]
+            if column >= len(panels):
+                ax.set_axis_off()
+                continue
+            _overlay(ax, panels[column])
+    if not layers:
+        axes[0][0].set_axis_off()
+        axes[0][0].text(0.5, 0.5, "no layer with histograms", ha="center")
+    else:
+        axes[0][0].legend(fontsize="x-small")
+    figure.suptitle("Channels with the largest gap: F_s on source, F_s on target, "
+                    "F_t (Gaussian-matched) on target")  # fmt: skip
+    return figure
+
+
+def _overlay(ax, histogram) -> None:
+    series = {
+        "source": histogram.source,
+        "target": histogram.target,
+        "target, Gaussian-matched": histogram.matched,
+    }
+    everything = torch.cat(list(series.values())).double()
+    low, high = torch.quantile(everything, torch.tensor([0.005, 0.995]).double()).tolist()
+    if high <= low:  # a constant channel: give its spike a visible width
+        low, high = low - 0.5, high + 0.5
+    # Source and target filled, the matched target as an outline on top: where matching
+    # worked it traces the source's shape, which a third filled layer would hide.
+    for label, values in series.items():
+        filled = label != "target, Gaussian-matched"
+        ax.hist(values.numpy(), bins=40, range=(low, high), density=True,
+                histtype="stepfilled" if filled else "step", alpha=0.35 if filled else 1.0,
+                linewidth=1.5, color=COLOURS[label], label=label)  # fmt: skip
+    ax.set_title(f"{histogram.layer} / ch {histogram.channel} (gap {histogram.gap:.2f})",
+                 fontsize="small")  # fmt: skip
+    ax.tick_params(labelsize="x-small")
