@@ -1,35 +1,75 @@
 """``python -m dam_lightning {fit,validate,test,predict} --config FILE``: the LightningCLI.
 
 Adds what the stock CLI lacks for this library: ``num_classes``, the task (classification or
-segmentation) and the class names flow from the data to the model,
-optimisers are module arguments (GAM has two), and the run config is saved into the run's own
-folder (and W&B) instead of failing on the second run that shares a save_dir.
+segmentation) and the class names flow from the data to the model; optimisers are module
+arguments (GAM has two); every command gets a run folder named after the experiment and the time
+(``runs/demo/2026-12-02_01-09-37``) that holds all it writes, and a run that fails before it has
+produced anything leaves none; a GAM run on several processes gets the DDP flavour it needs; the
+library's own errors end the command with one line, ``error: <message>`` (the traceback goes to
+the run's ``log.txt``, or to the screen with ``--debug`` or ``DAM_LIGHTNING_DEBUG=1``); the last
+lines on screen say where the run's files went.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
+import logging
 import os
+import re
+import shutil
 import sys
+import traceback
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from jsonargparse import ArgumentParser
+import lightning as L
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
+import dam_lightning
+import dam_lightning.data
+import dam_lightning.models
 from dam_lightning.callbacks.predictions import PredictionWriter
+from dam_lightning.callbacks.publish import PublishCheckpoint
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.modules.base import EvaluatingModule
-from dam_lightning.runs import run_directory, unused_path
+from dam_lightning.runs import (
+    LOG_FILE,
+    RUN_FOLDER_ENV,
+    RunFolder,
+    atomic_write_text,
+    claim_run_folder,
+    launch_rank,
+    run_directory,
+    timestamp,
+    unreadable_checkpoint,
+    unused_path,
+)
+
+DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
+
+_LIBRARY_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
+"""Errors that dam_lightning raises on purpose for a bad input; raised elsewhere, or of another
+kind, an exception is a bug and keeps its traceback."""
+
+_WORKER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
+
+_SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Save the resolved config as ``<run dir>/config.yaml`` and into the W&B run's config.
+    """Save the config as given as ``<run folder>/config.yaml`` and into the W&B run's config.
 
-    Every run has its own folder (``save_dir/name/version``, beside its checkpoints), so a second
-    run never collides with the first; a resumed run that reuses a folder writes
-    ``config-1.yaml`` rather than overwrite the original.
+    Every run has its own folder, so a second run never collides with the first; a name that is
+    taken all the same (a resumed run reusing a folder) becomes ``config-1.yaml``.
     """
 
     def __init__(self, parser, config, config_filename: str = "config.yaml", **kwargs):
@@ -43,7 +83,9 @@ class RunConfigSaver(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 as_dict = self.parser.dump(self.config, format="json", **_KEEP_NONE)
-                logger.experiment.config.update({"cli": as_dict}, allow_val_change=True)
+                logger.experiment.config.update(
+                    {"cli": as_dict, "run_folder": run_directory(trainer)}, allow_val_change=True
+                )
 
 
 # Keep ``null`` entries in saved configs, so a saved config round-trips. jsonargparse 4.49 renamed
@@ -55,41 +97,486 @@ _KEEP_NONE = (
 )
 
 
+class LibraryChoicesHelpFormatter(DefaultHelpFormatter):
+    """``--help`` that offers this library's datasets and networks, not every ``Dataset`` and
+    ``nn.Module`` subclass that happens to be imported (torch's datapipes, torchvision's
+    datasets, torch.nn's layers: over 700 lines). Only the help changes: any class still works
+    when a config names it by its full ``class_path``.
+    """
+
+    _NARROWED = {"torch.utils.data.Dataset": "Dataset", "torch.nn.Module": "torch.nn.Module"}
+    _MARKER = ", known subclasses: "
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if self._MARKER not in text or not text.endswith(")"):
+            return text
+        head, listed = text[:-1].split(self._MARKER, 1)
+        paths = listed.split(", ")
+        base = self._NARROWED.get(paths[0])
+        if base is None:
+            return text
+        ours = [p for p in paths if p in _offered_classes(networks=action.dest.endswith("net"))]
+        return (
+            f"{head}, this library's: {', '.join(ours) or 'none'}; or any other {base} class "
+            "by its full class_path)"
+        )
+
+
+def _offered_classes(networks: bool) -> set[str]:
+    """The class paths ``--help`` offers: the networks of ``dam_lightning.models`` (for a
+    ``net``), or those and the datasets and transforms of ``dam_lightning.data``."""
+    packages = [dam_lightning.models] + ([] if networks else [dam_lightning.data])
+    return {f"{p.__name__}.{name}" for p in packages for name in p.__all__}
+
+
+class _DamArgumentParser(LightningArgumentParser):
+    """The CLI's parser: a config that does not validate ends in one line that names the key and
+    what is wrong, not in the 50-line usage and jsonargparse's nested "Does not validate against
+    any of the Union subtypes" report (both still shown with ``--debug``)."""
+
+    debug = False
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", LibraryChoicesHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.debug or not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"(`{prog} --help` lists the options; --debug shows the details)\n")
+        sys.stderr.write(f"error: {_short_parse_error(message, ex)}\n")
+        raise SystemExit(2)
+
+
+def _short_parse_error(message: str, ex: BaseException | None) -> str:
+    """One line for a config error: the keys named along jsonargparse's chain of errors joined
+    into one dotted key, and the innermost message (the library's own, where it raised one)."""
+    chain = _error_chain(ex) if ex is not None else []
+    texts = [message] + [str(e) for e in chain]
+    keys: list[str] = []
+    for text in texts:
+        for key in re.findall(r'Parser key "([^"]+)"', text):
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    library = _library_error(ex) if ex is not None else None
+    if library is not None:
+        detail = str(library)
+    else:
+        lines = [line.strip() for line in texts[-1].splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith("Parser key")]
+        detail = " ".join(lines[:3]) if lines else message
+    key = ".".join(dict.fromkeys(keys))
+    return f"{key}: {detail}" if key and not detail.startswith(key) else detail
+
+
+def _parser_kwargs() -> dict:
+    if os.path.basename(sys.argv[0]) == "__main__.py":  # python -m dam_lightning
+        return {"prog": "python -m dam_lightning"}
+    return {}
+
+
+@dataclass
+class RunReport:
+    """What a CLI command did, for ``main`` to report and to clean up after a failure."""
+
+    folder: str | None = None
+    created_folder: bool = False  # this process made the folder (rank 0)
+    new_parents: list[str] = field(default_factory=list)  # the folders made to hold it
+    trainer: L.Trainer | None = None
+
+
 class DamCLI(LightningCLI):
     """LightningCLI for dam_lightning modules and ``DomainAdaptationDataModule``.
 
-    ``predict`` always writes its predictions: a config without a ``PredictionWriter`` gets one
-    (into ``<run dir>/predictions``), so the command never ends with nothing to show.
+    - Run folders: ``fit`` writes into ``<save_dir>/<experiment>/<date>_<time>``; ``validate``,
+      ``test`` and ``predict`` into ``<command>-<date>_<time>`` inside the run folder of the
+      checkpoint they evaluate (else beside the experiment's runs). ``<save_dir>`` and
+      ``<experiment>`` are the logger's ``save_dir`` and ``name`` (else ``default_root_dir``
+      and the config file's name); a W&B logger writes its files into the run folder.
+    - ``predict`` always writes its predictions: a config without a ``PredictionWriter`` gets one
+      (into ``<run folder>/predictions``); ``validate`` and ``test`` write ``metrics.json``.
+    - A GAM run on several processes gets ``ddp_find_unused_parameters_true`` when the strategy is
+      ``auto``; a plain DDP strategy chosen explicitly is refused at once.
     """
 
-    def before_predict(self) -> None:
-        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionWriter())
+    def __init__(self, *args, report: RunReport | None = None, **kwargs):
+        self.report = report if report is not None else RunReport()
+        kwargs.setdefault("parser_class", _DamArgumentParser)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # What the data is decides the task: a config names a dataset and a network only.
         for name in ("num_classes", "task", "class_names", "class_subsets"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI unpickles --ckpt_path right after parsing, to re-apply its
+        # hyper-parameters: a missing or damaged file must be named here, before anything starts.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--ckpt_path: {path} does not exist")
+            try:
+                super()._parse_ckpt_path()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except Exception as err:  # the unpickler and the zip reader raise many kinds
+                raise ValueError(f"--ckpt_path: {unreadable_checkpoint(path, err)}") from err
+        else:
+            super()._parse_ckpt_path()
+
+    # ---- the run folder -------------------------------------------------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.subcommand
+        config = self.config[subcommand]
+        self._config_as_given = config.clone()  # what config.yaml records: no run folder in it
+        parent, name = self._run_folder_place(config)
+        inherited = os.environ.get(RUN_FOLDER_ENV) if launch_rank() > 0 else None
+        if inherited:
+            folder = inherited
+        elif launch_rank() > 0:  # torchrun/SLURM: rank 0 broadcasts its folder at setup
+            folder = os.path.join(parent, name)
+        else:
+            self.report.new_parents = _missing_folders(parent)
+            folder = claim_run_folder(parent, name)
+            self.report.created_folder = True
+            os.environ[RUN_FOLDER_ENV] = folder  # for the processes Lightning starts itself
+        self.report.folder = folder
+        for logger in _logger_configs(config):
+            _point_logger_at(logger, folder)
+        if config.trainer.get("logger") in (None, True):  # Lightning's default logger
+            config.trainer.default_root_dir = folder
+
+    def _run_folder_place(self, config) -> tuple[str, str]:
+        """(parent folder, folder name) of this command's run folder."""
+        loggers = _logger_configs(config)
+        init = loggers[0].get("init_args") if loggers else None
+        root = (init.get("save_dir") if init else None) or config.trainer.default_root_dir or "."
+        experiment = init.get("name") if init else None
+        if not experiment and config.get("config"):
+            experiment = Path(str(config.config[-1])).stem
+        experiment = str(experiment or "run")
+        if self.subcommand == "fit":
+            return os.path.join(str(root), experiment), timestamp()
+        ckpt = config.get("ckpt_path")
+        name = f"{self.subcommand}-{timestamp()}"
+        if ckpt and os.path.basename(os.path.dirname(os.path.abspath(ckpt))) == "checkpoints":
+            return os.path.dirname(os.path.dirname(str(ckpt))), name
+        return os.path.join(str(root), experiment), name
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        self.report.trainer = trainer
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        ckpt = str(ckpt) if ckpt and os.path.isfile(str(ckpt)) else None
+        if self.subcommand == "fit":
+            run_folder = RunFolder(self.report.folder, resumed_from=ckpt)
+        else:  # evaluation writes no checkpoint: point at the one it reads
+            run_folder = RunFolder(self.report.folder, checkpoints=ckpt and os.path.dirname(ckpt))
+        trainer.callbacks.insert(0, run_folder)
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunConfigSaver):
+                callback.config = self._config_as_given
+        for logger in trainer.loggers:
+            _quiet_wandb_logger(logger)
+        self._choose_ddp_flavour(trainer)
+        return trainer
+
+    def _choose_ddp_flavour(self, trainer: L.Trainer) -> None:
+        """GAM's two backward passes per batch each reach only part of the parameters, which
+        plain DDP refuses (after a minute, with a two-rank traceback)."""
+        strategy = trainer.strategy
+        several = trainer.num_devices * trainer.num_nodes > 1
+        needs = getattr(self.model, "needs_unused_parameter_search", False)
+        if not (several and needs and self.subcommand == "fit"):
+            return
+        if not isinstance(strategy, DDPStrategy):
+            return  # FSDP, DeepSpeed...: the user's choice
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if isinstance(ddp_kwargs, dict) and ddp_kwargs.get("find_unused_parameters"):
+            return
+        given = self.config[self.subcommand].trainer.get("strategy")
+        name = type(self.model).__name__
+        if given in (None, "auto") and isinstance(ddp_kwargs, dict):
+            ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info(
+                f"Strategy: ddp_find_unused_parameters_true ({name} on "
+                f"{trainer.num_devices * trainer.num_nodes} processes)"
+            )
+            return
+        raise ValueError(
+            f"trainer.strategy={given!r} cannot train {name} on several processes: each of its "
+            "two backward passes reaches only part of the parameters. Use --trainer.strategy "
+            "ddp_find_unused_parameters_true (configs/ddp.yaml sets it)"
+        )
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
+    def after_validate(self) -> None:
+        self._write_metrics()
+
+    def after_test(self) -> None:
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
+        path = os.path.join(run_directory(self.trainer), "metrics.json")
+        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+
+
+def _logger_configs(config) -> list:
+    """The logger entries (``class_path``/``init_args`` namespaces) of a subcommand's config."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [lg for lg in loggers if hasattr(lg, "get") and lg.get("class_path")]
+
+
+def _point_logger_at(logger, folder: str) -> None:
+    """Make a logger write into the run folder: W&B's files go to ``<folder>/wandb``; a CSV or
+    TensorBoard logger's ``save_dir/name/version`` becomes the folder itself."""
+    init = logger.get("init_args")
+    if init is None:
+        return
+    if logger.class_path.endswith("WandbLogger"):
+        init["save_dir"] = folder
+    elif "version" in init:
+        parent, version = os.path.split(os.path.normpath(folder))
+        init["save_dir"], init["name"] = os.path.split(parent)
+        init["version"] = version
+
+
+def _quiet_wandb_logger(logger) -> None:
+    """Lightning's WandbLogger always passes ``anonymous``, which W&B deprecates with a warning
+    on every run that the user cannot act on: drop the key when it says nothing."""
+    wandb_init = getattr(logger, "_wandb_init", None)
+    if isinstance(wandb_init, dict) and wandb_init.get("anonymous") is None:
+        wandb_init.pop("anonymous", None)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
 
 def main(args=None) -> None:
     """Entry point of ``python -m dam_lightning`` and the ``dam-lightning`` script."""
-    # F_s is kept in eval mode on purpose; Lightning's generic warning about it would mislead.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-    DamCLI(
-        EvaluatingModule,
-        DomainAdaptationDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        save_config_callback=RunConfigSaver,
-        args=args,
-    )
-    _finish_wandb_run()
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    _quiet_console()
+    _DamArgumentParser.debug = debug
+    report = RunReport()
+    inherited_env = os.environ.get(RUN_FOLDER_ENV)
+    try:
+        DamCLI(
+            EvaluatingModule,
+            DomainAdaptationDataModule,
+            subclass_mode_model=True,
+            auto_configure_optimizers=False,
+            save_config_callback=RunConfigSaver,
+            parser_kwargs=_parser_kwargs(),
+            args=argv,
+            report=report,
+        )
+    except BaseException as err:
+        error = None if debug else _library_error(err)
+        log = _close_run(report, failed=err)
+        if error is None:
+            raise
+        if log:
+            print(f"(traceback in {log}; --debug shows it here)", file=sys.stderr)
+        if report.trainer is not None:  # end a progress bar's unfinished line
+            print(flush=True)
+        rank = launch_rank()
+        prefix = f"[rank {rank}] " if rank else ""
+        print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    else:
+        _close_run(report, failed=None)
+        if report.created_folder:
+            print(_where_files_went(report), flush=True)
+    finally:
+        if inherited_env is None:
+            os.environ.pop(RUN_FOLDER_ENV, None)
 
 
-def _finish_wandb_run() -> None:
-    """Close the W&B run at the end of the command, so that a second command started from the
-    same Python process (a notebook, a test) gets a run and a run folder of its own."""
+def _error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes, outermost first."""
+    chain, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    return chain
+
+
+def _library_error(err: BaseException) -> BaseException | None:
+    """The error to show in one line: the outermost exception in ``err``'s chain of causes that
+    dam_lightning raised on purpose (a bad input); None if there is none (a bug, or an error of
+    Lightning or torch: those keep their traceback)."""
+    for candidate in _error_chain(err):
+        if isinstance(candidate, _LIBRARY_ERRORS) and _raised_by_library(candidate):
+            return candidate
+        from_worker = _raised_in_a_worker_by_library(candidate)
+        if from_worker is not None:
+            return from_worker
+    return None
+
+
+def _raised_in_a_worker_by_library(err: BaseException) -> BaseException | None:
+    """A DataLoader worker's error is raised again in the main process by torch, with the
+    worker's traceback as text: the library's error if that traceback ends in its code."""
+    text = str(err)
+    if "DataLoader worker process" not in text or "Traceback" not in text:
+        return None
+    files = re.findall(r'File "([^"]+)"', text)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not files or not os.path.abspath(files[-1]).startswith(_package_folder()):
+        return None
+    kind, _, message = lines[-1].partition(": ")
+    if kind.rsplit(".", 1)[-1] not in {e.__name__ for e in _WORKER_ERRORS}:
+        return None
+    return RuntimeError(message)
+
+
+def _raised_by_library(err: BaseException) -> bool:
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_package_folder())
+
+
+def _package_folder() -> str:
+    return os.path.dirname(os.path.abspath(dam_lightning.__file__)) + os.sep
+
+
+def _close_run(report: RunReport, failed: BaseException | None) -> str | None:
+    """Finish the W&B run and, after a failure, clean up: a run folder that holds no result is
+    removed (W&B's offline run inside it too), one that does keeps the traceback in its log.
+    Returns the log that holds the traceback, if any."""
+    folder = report.folder
+    if isinstance(failed, SystemExit) and failed.code in (0, None):
+        failed = None
+    ours = failed is not None and report.created_folder and folder and os.path.isdir(folder)
+    remove = ours and not _holds_results(folder)
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish()
+        # W&B's goodbye would point at an offline run about to be deleted: keep it quiet then
+        quiet = open(os.devnull, "w") if remove else None  # noqa: SIM115
+        with (
+            contextlib.redirect_stdout(quiet or sys.stdout),
+            contextlib.redirect_stderr(quiet or sys.stderr),
+        ):
+            wandb.finish(exit_code=0 if failed is None else 1)
+        if quiet is not None:
+            quiet.close()
+    run_folder = _run_folder_callback(report)
+    if run_folder is not None:
+        run_folder.stop_log()
+    if not ours:
+        return None
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in report.new_parents:  # deepest first; left alone once something is in it
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        return None
+    log = os.path.join(folder, LOG_FILE)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("".join(traceback.format_exception(failed)))
+    return log
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _run_folder_callback(report: RunReport) -> RunFolder | None:
+    callbacks = report.trainer.callbacks if report.trainer is not None else []
+    return next((cb for cb in callbacks if isinstance(cb, RunFolder)), None)
+
+
+def _holds_results(folder: str) -> bool:
+    """Whether a failed run produced something worth keeping (a checkpoint, a summary,
+    predictions, metrics): its config, log and W&B files alone are not."""
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if entry in ("checkpoints", "predictions") and os.path.isdir(path) and os.listdir(path):
+            return True
+        if entry.startswith(("summary", "metrics")):
+            return True
+    return False
+
+
+def _where_files_went(report: RunReport) -> str:
+    """The last lines of a successful command: its run folder and what is in it."""
+    folder = report.folder
+    callbacks = report.trainer.callbacks if report.trainer is not None else []
+    lines = [f"Run folder: {folder}"]
+    checkpoints = sorted(Path(folder, "checkpoints").glob("*.ckpt"), key=os.path.getmtime)
+    if checkpoints:
+        shown = next((p for p in checkpoints if p.name == "last.ckpt"), checkpoints[-1])
+        more = f" (and {len(checkpoints) - 1} more there)" if len(checkpoints) > 1 else ""
+        lines.append(f"  checkpoint:  {shown}{more}")
+    for name, label in (("summary.md", "summary"), ("metrics.json", "metrics")):
+        if os.path.isfile(os.path.join(folder, name)):
+            lines.append(f"  {label + ':':12} {os.path.join(folder, name)}")
+    for callback in callbacks:
+        if isinstance(callback, PredictionWriter) and callback.folder:
+            lines.append(f"  predictions: {callback.folder}")
+    offline = sorted(Path(folder, "wandb").glob("offline-run-*"))
+    if offline:
+        lines.append(f"  W&B upload:  wandb sync {offline[-1]}")
+    lines.append("  also:        config.yaml (the config as given), log.txt (the full log)")
+    for callback in callbacks:
+        if isinstance(callback, PublishCheckpoint) and callback.published:
+            lines.append(f"Network for the next stage: {callback.published}")
+    return "\n".join(lines)
+
+
+class _DropNoise(logging.Filter):
+    """Console filter for messages a user of this CLI cannot act on (they stay in log.txt)."""
+
+    NOISE = ("💡 Tip:",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def _quiet_console() -> None:
+    """Keep warnings and tips that a user of the CLI cannot act on off the screen."""
+    # F_s is kept in eval mode on purpose; Lightning's generic warning about it would mislead.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"wandb(\..*)?")
+    # the modules' metrics are torchmetrics objects, reduced across processes before logging
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, _DropNoise) for f in handler.filters
+        ):
+            handler.addFilter(_DropNoise())
+
+
+__all__ = ["DamCLI", "LibraryChoicesHelpFormatter", "RunConfigSaver", "RunReport", "main"]

@@ -1,22 +1,200 @@
-"""Where a run's files go, and how they are written without ever leaving a half-written file."""
+"""Where a run's files go, and how they are written without ever leaving a half-written file.
+
+One command of the CLI is one *run folder*, ``<save_dir>/<experiment>/<date>_<time>``, which holds
+everything the run writes (config, checkpoints, summary, predictions, log, W&B files); the CLI
+claims it and puts a ``RunFolder`` callback on the trainer. Without the CLI a run's folder is its
+logger's. Nothing here trains or evaluates.
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import tempfile
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
+"""Set by rank 0 before Lightning starts the other processes of a run on this machine, which
+inherit it and so know the folder without creating one of their own."""
+
+LOG_FILE = "log.txt"
 
 
 def run_directory(trainer: L.Trainer) -> str:
-    """The folder of this run: ``save_dir/name/version`` of its logger, the same folder that
-    ``ModelCheckpoint`` puts ``checkpoints/`` in; ``default_root_dir`` without a logger."""
+    """The folder of this run: the CLI's ``RunFolder``; without one, ``save_dir/name/version``
+    of the logger, the folder ``ModelCheckpoint`` puts ``checkpoints/`` in; without a logger,
+    ``default_root_dir``."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunFolder):
+            return callback.path
     if len(trainer.loggers) != 1:
         return trainer.default_root_dir
     logger = trainer.loggers[0]
     save_dir = logger.save_dir or trainer.default_root_dir
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return os.path.join(save_dir, str(logger.name), version)
+
+
+def claim_run_folder(parent: str, name: str) -> str:
+    """Create and return a new folder ``parent/name`` (``name-1``, ``name-2``... if taken); the
+    creation is atomic (``mkdir``), so two runs started in the same second never share one.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> [os.path.basename(claim_run_folder(root, "2026-01-02_03-04-05")) for _ in range(2)]
+        ['2026-01-02_03-04-05', '2026-01-02_03-04-05-1']
+    """
+    os.makedirs(parent, exist_ok=True)
+    candidate, n = os.path.join(parent, name), 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = os.path.join(parent, f"{name}-{n}")
+
+
+def timestamp() -> str:
+    """The local date and time as a folder name: ``2026-12-02_01-09-37``."""
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher (Lightning, torchrun, SLURM) announced it in the
+    environment, before any process group exists: 0 for the process that owns the run folder.
+    A node other than the first counts as non-zero even where its local rank is 0."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(key, "0")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+class RunFolder(L.Callback):
+    """The folder of one CLI run: ``run_directory`` returns it, ``ModelCheckpoint`` callbacks
+    without a ``dirpath`` write into its ``checkpoints/``, and rank 0 writes ``log.txt`` there:
+    every message of Lightning and dam_lightning at INFO level and above, including the ones the
+    CLI keeps off the screen. Under DDP all processes take rank 0's folder.
+
+    Args:
+        path: the run folder (created by the caller on rank 0).
+        resumed_from: the checkpoint a resumed run continues, noted in the log.
+        checkpoints: the folder for ``ModelCheckpoint`` callbacks without a ``dirpath``; default
+            ``<path>/checkpoints`` (an evaluation command passes the folder of the checkpoint it
+            reads, where nothing is written, so Lightning does not warn that it moved).
+
+    Example:
+        >>> RunFolder("runs/demo/2026-12-02_01-09-37").path
+        'runs/demo/2026-12-02_01-09-37'
+    """
+
+    def __init__(self, path: str, resumed_from: str | None = None, checkpoints: str | None = None):
+        self.path = path
+        self.resumed_from = resumed_from
+        self.checkpoints = checkpoints
+        self._handler: logging.Handler | None = None
+        self._levels: dict[str, int] = {}
+
+    @property
+    def state_key(self) -> str:
+        return "RunFolder"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.path = trainer.strategy.broadcast(self.path)
+        # absolute, as ModelCheckpoint makes its own: an evaluation reading the checkpoint
+        # then finds the folder it was written to and does not warn that it moved
+        checkpoints = os.path.realpath(self.checkpoints or os.path.join(self.path, "checkpoints"))
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = checkpoints
+        if trainer.is_global_zero and self._handler is None:
+            self._start_log()
+            if self.resumed_from:
+                logging.getLogger(__name__).info("Resuming from %s", self.resumed_from)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stop_log()
+
+    def _start_log(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        self._handler = logging.FileHandler(os.path.join(self.path, LOG_FILE), encoding="utf-8")
+        self._handler.setLevel(logging.INFO)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        for name in ("lightning.pytorch", "lightning.fabric", "dam_lightning"):
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+            logger.addHandler(self._handler)
+
+    def log_exception(self, text: str) -> None:
+        """Append ``text`` (a traceback) to the run's log, if this process writes one."""
+        if self._handler is not None:
+            self._handler.stream.write(text if text.endswith("\n") else text + "\n")
+            self._handler.flush()
+
+    def stop_log(self) -> None:
+        """Detach the log file (the CLI calls it after it has logged a failure)."""
+        if self._handler is None:
+            return
+        for name, level in self._levels.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(self._handler)
+            logger.setLevel(level)
+        self._handler.close()
+        self._handler = None
+
+    def state_dict(self) -> dict:
+        return {"path": self.path}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run keeps its own new folder; where it came from is in its log."""
+
+
+def load_checkpoint(path: str, what: str) -> dict:
+    """``torch.load`` of a checkpoint or state dict on the CPU, with errors that name the file
+    and the setting it came from (``what``, e.g. ``"model.init_args.source_weights"``) instead
+    of the unpickler's (``pop from empty list``, ``could not find MARK``). Only load files you
+    trust: checkpoints are pickles.
+
+    Example:
+        >>> load_checkpoint("no/such.ckpt", "source_weights")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: source_weights: no/such.ckpt does not exist
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # the unpickler and the zip reader raise many kinds
+        raise ValueError(f"{what}: {unreadable_checkpoint(path, err)}") from err
+    if not isinstance(blob, dict):
+        raise ValueError(f"{what}: {path} holds a {type(blob).__name__}, not a checkpoint")
+    return blob
+
+
+def unreadable_checkpoint(path: str, err: BaseException) -> str:
+    """The message for a checkpoint file that cannot be read."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    detail = (str(err).splitlines() or [""])[0].split(". ")[0]
+    detail = detail if len(detail) <= 90 else detail[:87] + "..."
+    return (
+        f"{path} ({size:,} bytes) is not a readable checkpoint: it is truncated or corrupt "
+        f"({type(err).__name__}: {detail}). Use another checkpoint, or train it again"
+    )
+
+
+def checkpoint_origin(blob: dict) -> str | None:
+    """The run folder a checkpoint was written by, if a ``RunFolder`` recorded it."""
+    state = blob.get("callbacks", {}).get("RunFolder") if isinstance(blob, dict) else None
+    return state.get("path") if isinstance(state, dict) else None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

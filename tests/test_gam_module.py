@@ -28,18 +28,19 @@ class StepSpy(GAMAdaptModule):
     def setup(self, stage: str) -> None:
         self.records = []
 
-    def _record(self, step: str, run, *args) -> None:
+    def _record(self, step: str, run, *args):
         self.zero_grad(set_to_none=True)  # observe only the gradients this step's backward makes
         before = _snapshot(self)
-        run(*args)
+        result = run(*args)
         with_grad = {n for n, p in self.named_parameters() if p.grad is not None}
         self.records.append((step, _changed(before, self), with_grad))
+        return result
 
-    def _discriminator_step(self, *args) -> None:
-        self._record("D", super()._discriminator_step, *args)
+    def _discriminator_step(self, *args):
+        return self._record("D", super()._discriminator_step, *args)
 
-    def _target_step(self, *args) -> None:
-        self._record("G", super()._target_step, *args)
+    def _target_step(self, *args):
+        return self._record("G", super()._target_step, *args)
 
 
 _trainer = quiet_trainer

@@ -1,7 +1,14 @@
-"""Callbacks: Gaussian matching at epoch start, and the adaptation summary table."""
+"""Callbacks: Gaussian matching at epoch start, the adaptation summary table, prediction files,
+and the stable path a finished stage leaves its network under."""
 
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.callbacks.predictions import PredictionWriter
+from dam_lightning.callbacks.publish import PublishCheckpoint
 from dam_lightning.callbacks.summary import AdaptationSummary
 
-__all__ = ["AdaptationSummary", "GaussianMatching", "PredictionWriter"]
+__all__ = [
+    "AdaptationSummary",
+    "GaussianMatching",
+    "PredictionWriter",
+    "PublishCheckpoint",
+]

@@ -7,10 +7,13 @@ batches it sees, and what gets logged. It works with any module that has ``sourc
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from dam_lightning.matching.gaussian import (
     ChannelStats,
@@ -19,6 +22,8 @@ from dam_lightning.matching.gaussian import (
     gaussian_match,
     measure_statistics,
 )
+
+log = logging.getLogger(__name__)
 
 
 class GaussianMatching(L.Callback):
@@ -66,6 +71,7 @@ class GaussianMatching(L.Callback):
         self.mode = mode
         self.last_report: GaussianMatchingReport | None = None
         self._source_stats: dict[str, ChannelStats] | None = None
+        self._cpu_batches: dict[str, list[torch.Tensor]] = {}
 
     def _due(self, epoch: int) -> bool:
         return epoch == 0 or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
@@ -80,6 +86,7 @@ class GaussianMatching(L.Callback):
         if not hasattr(trainer.datamodule, "calibration_loader"):
             raise TypeError("GaussianMatching needs a DomainAdaptationDataModule")
         self._source_stats = None
+        self._cpu_batches = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._due(trainer.current_epoch):
@@ -109,11 +116,15 @@ class GaussianMatching(L.Callback):
         metrics = {f"gaussian/{k}": v for k, v in report.summary().items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(
+        message = (
             f"Gaussian matching at epoch {trainer.current_epoch}: {len(report.layers)} layers, "
             f"mean gap {_average(report, 'mean_gap_before'):.4f} -> "
             f"{_average(report, 'mean_gap_after'):.4f}"
         )
+        if self.last_report is None:
+            rank_zero_info(message)  # the first one on screen, the later ones in the log only
+        elif rank_zero_only.rank == 0:
+            log.info(message)
         self.last_report = report
         return report
 
@@ -121,22 +132,33 @@ class GaussianMatching(L.Callback):
         return self.layers if self.layers is not None else foldable_layers(pl_module.target_net)
 
     def _batches(self, trainer: L.Trainer, pl_module, domain: str) -> OnDevice:
-        loader = trainer.datamodule.calibration_loader(
-            domain, self.calibration_batches, trainer.global_rank, trainer.world_size
-        )
-        return OnDevice(loader, pl_module.device)
+        """The domain's fixed calibration batches, decoded once per fit and kept on the CPU;
+        each moves to the device only while it is used."""
+        if domain not in self._cpu_batches:
+            self._cpu_batches[domain] = trainer.datamodule.calibration_batches(
+                domain, self.calibration_batches, trainer.global_rank, trainer.world_size
+            )
+        return OnDevice(self._cpu_batches[domain], pl_module.device)
 
 
-class OnDevice:
-    """Re-iterable: each pass streams the loader's batches to ``device`` one at a time, so
-    only the batch in use (not the whole calibration set) lives on the accelerator."""
+class OnDevice(Sequence):
+    """A sequence of CPU batches whose items are moved to ``device`` when read, so that only
+    the batch in use (not the whole calibration set) lives on the accelerator.
 
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
+    Example:
+        >>> batches = OnDevice([torch.zeros(2), torch.ones(2)], torch.device("cpu"))
+        >>> len(batches), batches[1].tolist()
+        (2, [1.0, 1.0])
+    """
 
-    def __iter__(self):
-        for batch in self.loader:
-            yield batch.to(self.device, non_blocking=True)
+    def __init__(self, batches: list[torch.Tensor], device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index].to(self.device, non_blocking=True)
 
 
 def _average(report: GaussianMatchingReport, gap: str) -> float:

@@ -40,7 +40,7 @@ class AdaptationSummary(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module, net) -> dict[str, float]:
         target_val = trainer.datamodule.val_dataloader()[0]
-        return pl_module.task.evaluate(net, target_val, pl_module.device)
+        return pl_module.task.evaluate(net, target_val, pl_module.device, "target_val batch")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "source only" not in self.rows:

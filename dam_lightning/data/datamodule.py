@@ -45,6 +45,8 @@ def input_of(item, dataset=None) -> torch.Tensor:
         return item
     if isinstance(item, (tuple, list)) and len(item) in (1, 2) and torch.is_tensor(item[0]):
         return item[0]
+    while isinstance(dataset, (Subset, Unlabelled)):  # name the dataset of the config
+        dataset = dataset.dataset
     raise TypeError(
         f"{dataset!r} returned a {type(item).__name__} item; a domain-adaptation dataset must "
         "return an image tensor or an (image, label) tuple or list"
@@ -66,24 +68,44 @@ class EpochShuffleSampler(Sampler[int]):
 
     Unlike ``shuffle=True`` it does not draw from the global RNG, so a run resumed from a
     checkpoint sees exactly the batches the uninterrupted run would have seen. Lightning calls
-    ``set_epoch`` on it at every epoch; a loader cycled within an epoch gets a new order per pass.
+    ``set_epoch`` on it at every epoch (under DDP through its ``DistributedSamplerWrapper``,
+    which forwards the call and takes each process's share of every pass); a loader cycled
+    within an epoch gets a new order per pass. The pass counter restarts with every epoch, so
+    a run resumed at an epoch boundary (where Lightning's epoch-end checkpoints are) continues
+    exactly. With ``world_size > 1`` it yields only this ``rank``'s share of each permutation
+    (every rank the same number of indices), for loaders that Lightning does not shard itself.
+
+    Example:
+        >>> sampler = EpochShuffleSampler(6, seed=0)
+        >>> first, second = list(sampler), list(sampler)  # two passes, two orders
+        >>> sampler.set_epoch(0); list(sampler) == first
+        True
+        >>> shares = [list(EpochShuffleSampler(6, 0, rank=r, world_size=2)) for r in (0, 1)]
+        >>> sorted(shares[0] + shares[1]) == list(range(6))
+        True
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.size, self.seed = size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self._passes = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._passes = epoch, 0
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world_size if self.world_size > 1 else self.size
 
     def __iter__(self):
         seed = (self.seed * 1_000_003 + self.epoch) * 1_009 + self._passes
         generator = torch.Generator().manual_seed(seed)
         self._passes += 1
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator)
+        if self.world_size > 1:
+            order = order[: len(self) * self.world_size][self.rank :: self.world_size]
+        return iter(order.tolist())
 
 
 class DomainAdaptationDataModule(L.LightningDataModule):
@@ -127,6 +149,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers)
         self.source, self.target = source, target
         self.target_val = target_val if target_val is not None else target
         self.source_val = source_val
@@ -177,9 +200,16 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             )
         return n
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle_seed: int | None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle_seed: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
         if shuffle_seed is not None:
-            sampler = EpochShuffleSampler(len(dataset), shuffle_seed)
+            sampler = EpochShuffleSampler(len(dataset), shuffle_seed, rank, world_size)
         elif dist.is_available() and dist.is_initialized():
             # Lightning's default evaluation sampler pads the last rank with repeated images,
             # which would count them twice; this one splits the set without repeats.
@@ -190,14 +220,15 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=shuffle_seed is not None and len(dataset) >= batch_size,
+            drop_last=shuffle_seed is not None and len(sampler) >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def source_dataloader(self) -> DataLoader:
-        """Shuffled labelled source batches (also used to train F_s inside a GAM run)."""
-        return self._loader(self.source, self.batch_sizes["source"], self.seed)
+    def source_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Shuffled labelled source batches (also used to train F_s inside a GAM run, where
+        under DDP each ``rank`` of ``world_size`` processes takes its own share)."""
+        return self._loader(self.source, self.batch_sizes["source"], self.seed, rank, world_size)
 
     def target_dataloader(self) -> DataLoader:
         """Shuffled unlabelled target batches (inputs only)."""
@@ -257,6 +288,17 @@ class DomainAdaptationDataModule(L.LightningDataModule):
     ) -> list[torch.Tensor]:
         """The batches of ``calibration_loader``, as a list of CPU tensors."""
         return list(self.calibration_loader(domain, num_batches, rank, world_size))
+
+
+def _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers) -> None:
+    """Refuse impossible loader settings at construction, before any run starts."""
+    sizes = {"batch_size": batch_size, "target_batch_size": target_batch_size,
+             "eval_batch_size": eval_batch_size}  # fmt: skip
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"data.{name} must be a positive number of images, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
 
 
 def _num_classes(dataset: Dataset | None) -> int | None:

@@ -93,15 +93,14 @@ class MNIST(DigitDataset):
         _check_split(split)
         folders = [Path(root), Path(root) / "MNIST" / "raw", Path(root) / "raw"]
         found = _find_mnist(folders, split)
+        failure = None
         if found is None and download:
-            _download_mnist(folders[1], split)
+            failure = _download_mnist(folders[1], split)
             found = _find_mnist(folders, split)
         if found is None:
-            images_name, labels_name = _MNIST_FILES[split]
+            files = " and ".join(f"{name}[.gz]" for name in _MNIST_FILES[split])
             raise FileNotFoundError(
-                f"MNIST {split} files {images_name}[.gz] and {labels_name}[.gz] are not both in "
-                f"any of: {', '.join(str(f) for f in folders)}. Pass root=... pointing at the "
-                f"folder with {images_name}[.gz], or download=True with internet"
+                _missing_digits("MNIST", split, folders, files, folders[1], failure)
             )
         image_file, label_file = found
         images = _read_idx(image_file, _IDX_IMAGES)
@@ -179,12 +178,30 @@ def _check_mnist(images: np.ndarray, labels: np.ndarray, image_file: Path, label
         )
 
 
-def _download_mnist(folder: Path, split: str) -> None:
-    """Fetch one split's two files from torchvision's mirrors, checking torchvision's md5s."""
+def _missing_digits(name, split, folders, files, place, failure) -> str:
+    """What to do when a digits split is not on disk: how to get it, and the reduced protocol
+    for those who have only the test files."""
+    looked = ", ".join(str(f) for f in folders)
+    why = f"the download failed ({failure})" if failure else "download is off"
+    plural = " and " in files
+    return (
+        f"{name} {split} {'files' if plural else 'file'} {files} {'are' if plural else 'is'} "
+        f"not in any of: {looked}, and {why}. Get {'them' if plural else 'it'} (download=True, "
+        f"in a config `download: true`, with internet; or copy into {place}), or point the "
+        "dataset's root (data.<source|target|source_val>.init_args.root) at the folder that "
+        "has them. With only the MNIST and USPS test files, add --config "
+        "configs/digits_reduced.yaml"
+    )
+
+
+def _download_mnist(folder: Path, split: str) -> str | None:
+    """Fetch one split's two files from torchvision's mirrors, checking torchvision's md5s;
+    returns why it failed (None on success)."""
     from torchvision.datasets import MNIST as TorchvisionMNIST
     from torchvision.datasets.utils import download_and_extract_archive
 
     prefix = "train" if split == "train" else "t10k"
+    existed = _existing(folder)
     for filename, md5 in TorchvisionMNIST.resources:
         if not filename.startswith(prefix):
             continue
@@ -194,12 +211,33 @@ def _download_mnist(folder: Path, split: str) -> None:
                 download_and_extract_archive(mirror + filename, str(folder), md5=md5)
                 break
             except Exception as err:  # any mirror failure: try the next, report all at the end
-                errors.append(f"{mirror}{filename}: {err}")
+                errors.append(f"{mirror}{filename}: {_short(err)}")
         else:
-            raise RuntimeError(
-                f"downloading MNIST failed ({'; '.join(errors)}). Place the {split} idx files "
-                f"(or their .gz) in {folder} by hand and pass download=False"
-            )
+            _remove_created(folder, existed)
+            return "; ".join(errors)
+    return None
+
+
+def _short(err: BaseException) -> str:
+    """An exception's message without urllib's wrapping, e.g. "Name or service not known"."""
+    reason = getattr(err, "reason", err)
+    return str(getattr(reason, "strerror", None) or reason)
+
+
+def _existing(folder: Path) -> set[Path]:
+    """``folder`` and those of its parents that exist now."""
+    return {p for p in (folder, *folder.parents) if p.exists()}
+
+
+def _remove_created(folder: Path, existed: set[Path]) -> None:
+    """Undo the empty folders a failed download created (e.g. data/digits/MNIST/raw)."""
+    for path in (folder, *folder.parents):
+        if path in existed:
+            return
+        try:
+            path.rmdir()
+        except OSError:  # not empty
+            return
 
 
 # ---- USPS ----------------------------------------------------------------------------------------
@@ -228,15 +266,13 @@ class USPS(DigitDataset):
         name = _USPS_FILES[split]
         candidates = [Path(root) / name, Path(root) / "USPS" / name]
         path = next((p for p in candidates if p.is_file()), None)
+        failure = None
         if path is None and download:
-            _download_usps(Path(root), split)
+            failure = _download_usps(Path(root), split)
             path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise FileNotFoundError(
-                f"USPS {split} file {name} is not in any of: "
-                f"{', '.join(str(c) for c in candidates)}. Pass root=... pointing at the folder "
-                f"with {name}, or download=True with internet"
-            )
+            folders = [c.parent for c in candidates]
+            raise FileNotFoundError(_missing_digits("USPS", split, folders, name, root, failure))
         pixels, labels = _read_libsvm(path)
         images = torch.from_numpy((pixels + 1.0) / 2.0).view(-1, 1, 16, 16)
         images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
@@ -307,19 +343,20 @@ def _parse_float(token: str, where: str, fix: str) -> float:
         raise ValueError(f"{where}: cannot parse {token!r} as a number; {fix}") from None
 
 
-def _download_usps(root: Path, split: str) -> None:
-    """Fetch one split's file with torchvision's URL and md5, into ``root`` as torchvision does."""
+def _download_usps(root: Path, split: str) -> str | None:
+    """Fetch one split's file with torchvision's URL and md5, into ``root`` as torchvision does;
+    returns why it failed (None on success)."""
     from torchvision.datasets import USPS as TorchvisionUSPS
     from torchvision.datasets.utils import download_url
 
     url, filename, md5 = TorchvisionUSPS.split_list[split]
+    existed = _existing(root)
     try:
         download_url(url, str(root), filename=filename, md5=md5)
     except Exception as err:  # network, HTTP or checksum: all leave the same manual fix
-        raise RuntimeError(
-            f"downloading USPS from {url} failed ({err}). Place {filename} in {root} by hand "
-            "and pass download=False"
-        ) from err
+        _remove_created(root, existed)
+        return f"{url}: {_short(err)}"
+    return None
 
 
 # ---- SynDigits -----------------------------------------------------------------------------------

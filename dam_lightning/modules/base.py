@@ -51,6 +51,10 @@ class EvaluatingModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
         self.test_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
 
+    needs_unused_parameter_search = False
+    """Whether DDP must look for parameters a backward pass did not reach (the CLI then picks
+    ``ddp_find_unused_parameters_true``)."""
+
     @property
     def eval_net(self) -> nn.Module:
         raise NotImplementedError
@@ -62,8 +66,10 @@ class EvaluatingModule(L.LightningModule):
 
     def _evaluation_step(self, batch, dataloader_idx: int, stage: str) -> None:
         x, y = batch
-        metrics = (self.val_metrics if stage == "val" else self.test_metrics)
-        self.task.update(metrics[EVAL_DOMAINS[dataloader_idx]], self.eval_net, x, y)
+        domain = EVAL_DOMAINS[dataloader_idx]
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        where = f"{domain}_{'val' if stage == 'val' or domain == 'source' else 'test'} batch"
+        self.task.update(metrics[domain], self.eval_net, x, y, where)
 
     def _log_evaluation(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics

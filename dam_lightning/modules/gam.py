@@ -437,9 +437,11 @@ def load_network_weights(net: nn.Module, path: str) -> str:
     checkpoints are pickles.
     """
     if not os.path.isfile(path):
+        stage_one = os.path.basename(os.path.dirname(path))
+        config = stage_one if stage_one.endswith("_source") else "<experiment>_source"
         raise FileNotFoundError(
             f"source_weights: {path} does not exist; train it with `python -m dam_lightning fit "
-            "--config configs/<name>_source.yaml` (which saves it there) or set source_steps"
+            f"--config configs/{config}.yaml` (which saves it there) or set source_steps"
         )
     blob = load_checkpoint(path, "source_weights")
     state = blob.get("state_dict", blob)
@@ -452,12 +454,13 @@ def load_network_weights(net: nn.Module, path: str) -> str:
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit {type(net).__name__}: {err}") from err
+        fits = f"source_weights: {path} does not fit {type(net).__name__}"
+        raise ValueError(f"{fits}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{path} does not fit {type(net).__name__}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; was it trained with the same net and "
-            "num_classes?"
+            f"source_weights: {path} does not fit {type(net).__name__}: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was it "
+            "trained with the same net and num_classes?"
         )
     written = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M")
     run = checkpoint_origin(blob)
@@ -477,7 +480,7 @@ def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps
 def _last_checkpoint_text(trainer) -> str:
     checkpoint = getattr(trainer, "checkpoint_callback", None)
     path = checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path)
-    if path:
+    if path and os.path.isfile(path):
         return f"The last checkpoint written before it is {path}."
     return "No checkpoint had been written yet."
 

@@ -8,9 +8,10 @@ when it is asked to train F_s itself (the one-command demo).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -101,23 +102,48 @@ def train_source_network(
     task: Task,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    on_step: Callable[[int, float], None] | None = None,
+    average_gradients: bool = False,
 ) -> list[float]:
     """Supervised training of ``net`` for ``steps`` batches, cycling through ``batches``.
 
     The same objective as ``SourceModule.training_step``, as a plain loop so that a GAM run can
-    build its own source network. Returns the loss of every step.
+    build its own source network. ``on_step(step, loss)`` is called after every step (a
+    progress bar). With ``average_gradients`` (under DDP, each process with its own share of the
+    data) the gradients are averaged across processes before every update, so all processes
+    keep identical weights. Returns the loss of every step.
     """
     net.train()
     losses = []
-    for x, y in itertools.islice(_cycle(batches), steps):
+    for step, (x, y) in enumerate(itertools.islice(_cycle(batches), steps)):
         x, y = x.to(device), y.to(device)
         task.check_labels(y, "source training batch")
         loss = task.loss(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if average_gradients:
+            _average_gradients(net)
         optimizer.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
     return losses
+
+
+def _average_gradients(net: nn.Module) -> None:
+    """Replace every gradient by its mean over the DDP processes (one all-reduce per step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _cycle(batches: Iterable):

@@ -113,17 +113,21 @@ class Task:
 
     @torch.no_grad()
     def evaluate(
-        self, net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+        self,
+        net: nn.Module,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        device: torch.device,
+        where: str = "evaluation batch",
     ) -> dict[str, float]:
         """Metrics of ``net`` over labelled batches, in eval mode; every submodule's own mode is
         restored after (``net.train()`` would also wake layers kept in eval mode on purpose,
-        such as F_t's frozen BatchNorms)."""
+        such as F_t's frozen BatchNorms). ``where`` names the batches in a bad-label error."""
         modes = {module: module.training for module in net.modules()}
         net.eval()
         metrics = self.metrics().to(device)
         try:
             for x, y in batches:
-                self.update(metrics, net, x.to(device), y.to(device))
+                self.update(metrics, net, x.to(device), y.to(device), where)
         finally:
             for module, mode in modes.items():
                 module.training = mode

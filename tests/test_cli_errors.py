@@ -1,0 +1,225 @@
+"""The catalogue of bad inputs (docs/errors.md), through the real CLI: each ends the command with
+one line, ``error: <message>``, that names the file or key and the value, and leaves no clutter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dam_lightning.cli import main
+
+from .conftest import REPO
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+
+
+def _demo(tmp_path: Path, *extra: str, command: str = "fit") -> list[str]:
+    return [
+        command, "--config", DEMO,
+        "--trainer.accelerator=cpu", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+        "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=2",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--model.init_args.source_steps=2",
+        "--data.source.init_args.num_samples=100", "--data.target=dam_lightning.data.SynDigits",
+        "--data.target.num_samples=96", "--data.target.seed=1", "--data.batch_size=32", *extra,
+    ]  # fmt: skip
+
+
+def _error(args: list[str], capsys, code: int = 1) -> str:
+    """Run the CLI, expect it to exit with ``code``; return the last line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), lines[-5:]
+    assert not any("Traceback" in line for line in lines)
+    return lines[-1]
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_zero_batch_size_is_refused_before_wandb_starts_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    line = _error(_demo(tmp_path, "--data.batch_size=0"), capsys)
+    assert line == "error: data.batch_size must be a positive number of images, got 0"
+    assert list(tmp_path.iterdir()) == []  # no run folder, no offline W&B run
+
+
+def test_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        main(_demo(tmp_path, "--data.batch_size=-4", "--debug"))
+    monkeypatch.setenv("DAM_LIGHTNING_DEBUG", "1")
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        main(_demo(tmp_path, "--data.batch_size=-4"))
+
+
+def _damaged_checkpoints(folder: Path) -> dict[str, Path]:
+    good = folder / "good.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(1000)}, "hyper_parameters": {}}, good)
+    truncated, garbage = folder / "truncated.ckpt", folder / "garbage.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage.write_bytes(b"\x80\x02(not a pickle at all")
+    return {"truncated": truncated, "garbage": garbage}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("where", ["--ckpt_path", "source_weights"])
+def test_a_damaged_checkpoint_is_named_in_one_line(where, damage, tmp_path, capsys):
+    path = _damaged_checkpoints(tmp_path)[damage]
+    if where == "--ckpt_path":
+        args = _demo(tmp_path, f"--ckpt_path={path}", command="validate")
+    else:
+        args = _demo(tmp_path, f"--model.init_args.source_weights={path}")
+    line = _error(args, capsys)
+    assert line.startswith(f"error: {where}: {path} (")
+    assert "is not a readable checkpoint: it is truncated or corrupt" in line
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    line = _error(_demo(tmp_path, f"--ckpt_path={tmp_path / 'nope.ckpt'}", command="test"), capsys)
+    assert line == f"error: --ckpt_path: {tmp_path / 'nope.ckpt'} does not exist"
+
+
+@pytest.mark.parametrize(
+    "where, extra",
+    [
+        ("source training batch", ["--data.source=tests.cli_helpers.OneBasedDigits",
+                                   "--data.source.num_samples=100"]),
+        ("target_val batch", ["--data.target_val=tests.cli_helpers.OneBasedDigits",
+                              "--data.target_val.num_samples=100"]),
+    ],
+    ids=["gam-source_steps", "validation"],
+)  # fmt: skip
+def test_labels_outside_the_classes_are_refused_with_the_bad_label(where, extra, tmp_path, capsys):
+    line = _error(_demo(tmp_path, *extra), capsys)
+    assert line.startswith(f"error: {where}: label 10 is outside 0..9 (num_classes=10)")
+
+
+def test_labels_outside_the_classes_are_refused_by_source_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit", "--config", str(REPO / "configs" / "mnist_usps_source.yaml"),
+        "--data.source=tests.cli_helpers.OneBasedDigits", "--data.source.num_samples=64",
+        "--data.target=dam_lightning.data.UCIDigits", "--data.source_val=null",
+        "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--data.batch_size=32",
+    ]  # fmt: skip
+    line = _error(args, capsys)
+    assert line.startswith("error: source training batch: label 10 is outside 0..9")
+    assert not (tmp_path / "runs" / "mnist_usps_source").exists()  # failed before any result
+
+
+def test_an_unknown_layer_is_its_own_message(tmp_path, capsys):
+    line = _error(_demo(tmp_path, "--model.init_args.layers={fc9: 1.0}"), capsys)
+    assert line.startswith("error: layers: LeNet has no layer named 'fc9'. Valid layer names:")
+    assert "fc3" in line and "Union" not in line
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, capsys):
+    line = _error(_demo(tmp_path, "--model.init_args.drift_weight=abc"), capsys, code=2)
+    assert line == "error: model.drift_weight: Expected a <class 'float'>. Got value: abc"
+
+
+def test_a_negative_weight_is_refused_at_construction(tmp_path, capsys):
+    line = _error(_demo(tmp_path, "--model.init_args.adversarial_weight=-1"), capsys)
+    assert line == "error: adversarial_weight must be a finite number >= 0, got -1.0"
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_naming_loss_layer_and_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    args = _demo(tmp_path, "--trainer.callbacks+=tests.cli_helpers.PoisonTargetNetwork")
+    line = _error(args, capsys)
+    assert line.startswith(
+        "error: the discriminator loss of layer fc3 (train/loss_d/fc3) is nan at epoch 1, "
+        "batch 0 (global step 5)"
+    )
+    (last,) = tmp_path.rglob("last.ckpt")
+    assert f"The last checkpoint written before it is {last}." in line
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert "FloatingPointError" in (last.parent.parent / "log.txt").read_text()  # traceback
+
+
+@pytest.mark.slow
+def test_nan_weights_are_never_written_as_a_checkpoint(tmp_path, capsys):
+    args = _demo(tmp_path, "--trainer.callbacks+=tests.cli_helpers.PoisonBeforeCheckpoint")
+    line = _error(args, capsys)
+    assert "target_net.conv1.0.weight hold NaN or inf at epoch 0" in line
+    assert "no checkpoint written. No checkpoint had been written yet." in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_mnist_says_how_to_get_it_and_names_the_reduced_overlay(tmp_path, capsys):
+    args = [
+        "fit", "--config", str(REPO / "configs" / "mnist_usps_source.yaml"),
+        f"--data.source.init_args.root={tmp_path}", "--data.source.init_args.download=false",
+    ]  # fmt: skip
+    line = _error(args, capsys)
+    assert line.startswith(
+        "error: MNIST train files train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
+        f"are not in any of: {tmp_path}, "
+    )
+    assert "download is off" in line and "download: true" in line
+    assert line.endswith("add --config configs/digits_reduced.yaml")
+
+
+def test_a_segmentation_root_pointing_nowhere_is_one_line(tmp_path, capsys):
+    args = [
+        "fit", "--config", str(REPO / "configs" / "gta_source.yaml"),
+        "--config", str(REPO / "tests" / "conf" / "seg_tiny.yaml"),
+        f"--data.source.init_args.root={tmp_path / 'nowhere'}",
+    ]  # fmt: skip
+    line = _error(args, capsys)
+    assert line.startswith(f"error: GTA5 root '{tmp_path / 'nowhere'}' is not a folder")
+
+
+def test_plain_ddp_for_gam_is_refused_at_once(tmp_path, capsys):
+    line = _error(_demo(tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2"), capsys)
+    assert line.startswith("error: trainer.strategy='ddp' cannot train GAMAdaptModule")
+    assert "ddp_find_unused_parameters_true" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_help_offers_this_librarys_datasets_and_networks(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) < 700  # 1,190 when every imported Dataset subclass was listed
+    assert "dam_lightning.data.SynDigits" in text and "datapipes" not in text
+    assert "torchvision.datasets" not in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", DEMO, "--model.help", "GAMAdaptModule"])
+    text = capsys.readouterr().out
+    assert "dam_lightning.models.LeNet" in text and "torch.nn.Linear" not in text
+
+
+def test_a_class_from_another_library_still_works_by_class_path(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", DEMO, "--data.target=torchvision.datasets.FakeData",
+              "--data.target.init_args.size=10", "--print_config"])  # fmt: skip
+    target = yaml.safe_load(capsys.readouterr().out)["data"]["target"]
+    assert target["class_path"] == "torchvision.datasets.FakeData"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_target_item_of_the_wrong_kind_is_one_line_even_from_a_worker(workers, tmp_path, capsys):
+    args = _demo(
+        tmp_path, "--data.target=tests.cli_helpers.DictItems", "--data.target.num_samples=64",
+        "--data.target_val=dam_lightning.data.SynDigits", "--data.target_val.num_samples=64",
+        f"--data.num_workers={workers}",
+    )  # fmt: skip
+    line = _error(args, capsys)
+    assert line == (
+        "error: DictItems(split='all', size=64) returned a dict item; a domain-adaptation "
+        "dataset must return an image tensor or an (image, label) tuple or list"
+    )
