@@ -52,6 +52,7 @@ from dam_lightning.runs import (
     unreadable_checkpoint,
     unused_path,
 )
+from dam_lightning.trainer import DamTrainer
 
 DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
@@ -207,6 +208,11 @@ class DamCLI(LightningCLI):
         kwargs.setdefault("parser_class", _DamArgumentParser)
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's four commands and ``diagnose`` (``DamTrainer.diagnose``)."""
+        return {**LightningCLI.subcommands(), "diagnose": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # What the data is decides the task: a config names a dataset and a network only.
         for name in ("num_classes", "task", "class_names", "class_subsets"):
@@ -216,6 +222,8 @@ class DamCLI(LightningCLI):
         # LightningCLI unpickles --ckpt_path right after parsing, to re-apply its
         # hyper-parameters: a missing or damaged file must be named here, before anything starts.
         subcommand = self.config.get("subcommand")
+        if subcommand == "diagnose":
+            return  # its --ckpt_path names a source network, not this config's module
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
             if not os.path.isfile(path):
@@ -383,6 +391,7 @@ def main(args=None) -> None:
             subclass_mode_model=True,
             auto_configure_optimizers=False,
             save_config_callback=RunConfigSaver,
+            trainer_class=DamTrainer,
             parser_kwargs=_parser_kwargs(),
             args=argv,
             report=report,
@@ -523,7 +532,7 @@ def _holds_results(folder: str) -> bool:
         path = os.path.join(folder, entry)
         if entry in ("checkpoints", "predictions") and os.path.isdir(path) and os.listdir(path):
             return True
-        if entry.startswith(("summary", "metrics")):
+        if entry.startswith(("summary", "metrics", "diagnose")):
             return True
     return False
 
@@ -538,7 +547,11 @@ def _where_files_went(report: RunReport) -> str:
         shown = next((p for p in checkpoints if p.name == "last.ckpt"), checkpoints[-1])
         more = f" (and {len(checkpoints) - 1} more there)" if len(checkpoints) > 1 else ""
         lines.append(f"  checkpoint:  {shown}{more}")
-    for name, label in (("summary.md", "summary"), ("metrics.json", "metrics")):
+    for name, label in (
+        ("summary.md", "summary"),
+        ("metrics.json", "metrics"),
+        ("diagnose.md", "diagnosis"),
+    ):
         if os.path.isfile(os.path.join(folder, name)):
             lines.append(f"  {label + ':':12} {os.path.join(folder, name)}")
     for callback in callbacks:

@@ -126,3 +126,28 @@ def test_every_ablation_overlay_parses_on_the_digits_and_segmentation_configs(ca
                 assert model["layers"] == {"output": 1.0}
             if overlay.stem in ("adda", "gam_no_drift", "gaussian_only"):
                 assert model["drift_weight"] == 0.0
+
+
+@pytest.mark.slow
+def test_diagnose_through_the_cli_writes_the_table_the_json_and_both_figures(seg_roots, capsys):
+    main(_args("fit", "gta_source.yaml", seg_roots))
+    source_ckpt = seg_roots / "runs" / "gta_source" / "source.ckpt"
+    main(_args("diagnose", "gta.yaml", seg_roots, "gta5", f"--ckpt_path={source_ckpt}",
+               "--calibration_batches=2"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "layers:" in out  # the recommendation, ready to paste into a config
+    folder = _only(list((seg_roots / "runs").rglob("diagnose.md"))).parent
+    assert folder.name.startswith("diagnose-")
+    rows = json.loads((folder / "diagnose.json").read_text())
+    assert rows  # one entry per analysed layer
+    for figure in ("gap_by_layer.png", "histograms.png"):
+        assert Image.open(folder / figure).size[0] > 100
+
+
+def test_diagnose_without_a_source_network_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["diagnose", "--config", str(REPO / "configs" / "demo.yaml"),
+              "--trainer.accelerator=cpu"])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert "error: diagnose needs a trained source network" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""The Trainer the CLI builds: Lightning's, plus ``diagnose``, the layer-by-layer look at the
+domain gap that a user runs before adapting (``python -m dam_lightning diagnose``).
+
+A method of the Trainer because that is what a LightningCLI subcommand is: the config's data and
+network, the run folder and the loggers all come with it. The analysis itself is
+``dam_lightning.diagnosis``; this file only finds the source network and writes the results.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from dam_lightning.diagnosis import Diagnosis, diagnose_datamodule
+from dam_lightning.runs import run_directory
+
+
+class DamTrainer(L.Trainer):
+    """``lightning.Trainer`` with one more command, ``diagnose``.
+
+    Example:
+        >>> trainer = DamTrainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        >>> callable(trainer.diagnose)
+        True
+    """
+
+    def diagnose(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        ckpt_path: str | None = None,
+        calibration_batches: int = 10,
+        layers: list[str] | None = None,
+    ) -> Diagnosis:
+        """Measure, for every candidate layer of the source network, the Gaussian gap and how
+        well a small classifier tells source from target activations, before and after
+        Gaussian matching; write ``diagnose.md``, ``diagnose.json``, ``gap_by_layer.png`` and
+        ``histograms.png`` into the run folder, print the table and a ``layers:`` snippet.
+
+        Args:
+            model: a ``SourceModule`` or ``GAMAdaptModule`` config; its (source) network is
+                analysed.
+            datamodule: source and target data; calibration batches come from its training sets.
+            ckpt_path: the source network's checkpoint (a ``SourceModule`` checkpoint or a state
+                dict); default the model's ``source_weights``.
+            calibration_batches: batches per domain.
+            layers: layers to analyse (dotted names); default every Conv/Linear/BatchNorm.
+        """
+        from dam_lightning.modules.gam import load_network_weights  # modules import this file
+
+        net = getattr(model, "source_net", None) or getattr(model, "net", None)
+        if net is None:
+            raise TypeError(f"diagnose needs a SourceModule or GAMAdaptModule, not {model!r}")
+        weights = ckpt_path or getattr(model, "hparams", {}).get("source_weights")
+        if not weights:
+            raise ValueError(
+                "diagnose needs a trained source network: pass --ckpt_path SOURCE.ckpt (a "
+                "SourceModule checkpoint, e.g. runs/<name>_source/source.ckpt) or set "
+                "model.init_args.source_weights"
+            )
+        load_network_weights(net, weights)
+        net.to(self.strategy.root_device).eval()
+        diagnosis = diagnose_datamodule(
+            net,
+            datamodule,
+            calibration_batches=calibration_batches,
+            layers=layers,
+            progress=self.progress_bar_callback is not None,
+        )
+        self._report_diagnosis(diagnosis)
+        return diagnosis
+
+    @rank_zero_only
+    def _report_diagnosis(self, diagnosis: Diagnosis) -> None:
+        diagnosis.save(run_directory(self))
+        print(diagnosis.report(), flush=True)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                figures = diagnosis.figures()
+                logger.experiment.log(
+                    {f"diagnose/{name}": wandb.Image(fig) for name, fig in figures.items()}
+                )
