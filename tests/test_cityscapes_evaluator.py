@@ -26,8 +26,10 @@ from dam_lightning.data.labels import (
 )
 from dam_lightning.metrics import SegmentationMetrics
 
-cs_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
-cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
+# The Cityscapes authors' evaluator is part of the test extra: a missing one is a failure, not a
+# skip, so the agreement is proven on every CI run.
+import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs_eval  # noqa: E402
+import cityscapesscripts.helpers.labels as cs_labels  # noqa: E402
 
 FRAMES = [("frankfurt", "000000", "000294"), ("frankfurt", "000001", "007973"),
           ("lindau", "000000", "000019")]  # fmt: skip
