@@ -12,6 +12,10 @@ import io
 import math
 from pathlib import Path
 
+# The Cityscapes authors' evaluator is part of the test extra: a missing one is a failure, not a
+# skip, so the agreement is proven on every CI run.
+import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs_eval
+import cityscapesscripts.helpers.labels as cs_labels
 import numpy as np
 import pytest
 import torch
@@ -25,11 +29,6 @@ from dam_lightning.data.labels import (
     TRAIN_ID_TO_CITYSCAPES_ID,
 )
 from dam_lightning.metrics import SegmentationMetrics
-
-# The Cityscapes authors' evaluator is part of the test extra: a missing one is a failure, not a
-# skip, so the agreement is proven on every CI run.
-import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs_eval  # noqa: E402
-import cityscapesscripts.helpers.labels as cs_labels  # noqa: E402
 
 FRAMES = [("frankfurt", "000000", "000294"), ("frankfurt", "000001", "007973"),
           ("lindau", "000000", "000019")]  # fmt: skip
