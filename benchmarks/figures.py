@@ -1,9 +1,13 @@
-"""Figures for the docs: sample images of each digit domain.
+"""Figures for the docs: sample images of each digit domain, and of the digit-scene domains.
 
     python benchmarks/figures.py [--root ../shared/data/digits]
+    python benchmarks/figures.py --scenes [--root ../shared/data/digits]
 
 Writes docs/figures/digit_domains.png: one row per domain (SynDigits, UCIDigits, and MNIST and
-USPS test images when --root holds them), digits 0-9 from left to right.
+USPS test images when --root holds them), digits 0-9 from left to right. With --scenes, writes
+docs/figures/digit_scenes.png instead: for each scene domain of configs/seg_demo*.yaml (source
+renders, UCIDigits camera scenes, and MNIST/USPS ones when --root holds them) a row of scenes
+and, below it, their label masks (black: the ignored rim).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dam_lightning.data import MNIST, USPS, SynDigits, UCIDigits  # noqa: E402
+from dam_lightning.data import MNIST, USPS, DigitScenes, SynDigits, UCIDigits  # noqa: E402
 
 
 def first_of_each_digit(dataset) -> list:
@@ -28,11 +32,47 @@ def first_of_each_digit(dataset) -> list:
     return [images[d] for d in range(10)]
 
 
+def digit_scenes_figure(root: str, out: str, per_row: int = 6) -> None:
+    """Scenes and label masks of each DigitScenes domain of the segmentation demo."""
+    from dam_lightning.callbacks.stage_overlays import colour_mask
+
+    domains = {
+        "source: SynDigits renders": DigitScenes(SynDigits(400, seed=0), per_row, seed=0),
+        "target: UCIDigits scenes": DigitScenes(UCIDigits(), per_row, "test", "camera"),
+    }
+    try:
+        domains["MNIST scenes"] = DigitScenes(MNIST(root, "test"), per_row, "test", "camera")
+        domains["USPS scenes"] = DigitScenes(USPS(root, "test"), per_row, "test", "camera")
+    except FileNotFoundError as missing:
+        print(f"skipping MNIST/USPS: {missing}")
+    fig, axes = plt.subplots(2 * len(domains), per_row, figsize=(per_row, 2 * len(domains) + 0.2))
+    for row, (name, scenes) in enumerate(domains.items()):
+        for col in range(per_row):
+            image, label = scenes[col]
+            axes[2 * row, col].imshow(image.permute(1, 2, 0).numpy())
+            axes[2 * row + 1, col].imshow(colour_mask(label, scenes.palette))
+        axes[2 * row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        axes[2 * row + 1, 0].set_ylabel("labels", rotation=0, ha="right", va="center", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout(pad=0.2)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="../shared/data/digits")
-    parser.add_argument("--out", default="docs/figures/digit_domains.png")
+    parser.add_argument("--out", default=None, help="default docs/figures/digit_domains.png "
+                        "(digit_scenes.png with --scenes)")  # fmt: skip
+    parser.add_argument("--scenes", action="store_true", help="the digit-scene figure instead")
     args = parser.parse_args()
+    if args.scenes:
+        digit_scenes_figure(args.root, args.out or "docs/figures/digit_scenes.png")
+        return
+    args.out = args.out or "docs/figures/digit_domains.png"
     domains = {
         "SynDigits (demo source)": SynDigits(200, seed=0),
         "UCIDigits (demo target)": UCIDigits(),

@@ -16,7 +16,8 @@ from dam_lightning.cli import main
 from .conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-OVERLAYS = {"ddp.yaml", "digits_reduced.yaml"}  # only meaningful on top of an experiment config
+# only meaningful on top of an experiment config
+OVERLAYS = {"ddp.yaml", "digits_reduced.yaml", "seg_demo_mnist.yaml", "seg_demo_usps.yaml"}
 
 
 def _tiny_demo_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -186,3 +187,12 @@ def test_augmentation_flags_in_the_mnist_usps_source_config_comment_work(capsys)
     augment = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["augment"]
     assert augment["class_path"] == "dam_lightning.data.RandomAffine"
     assert augment["init_args"]["zoom"] == [1.0, 1.4]
+
+
+@pytest.mark.parametrize("overlay", ["seg_demo_mnist.yaml", "seg_demo_usps.yaml"])
+def test_the_segmentation_demo_variants_parse_on_top_of_the_demo(overlay, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/seg_demo.yaml"),
+              "--config", str(REPO / "configs" / overlay), "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["init_args"]["name"] == overlay.removesuffix(".yaml")

@@ -4,6 +4,7 @@ and the stable path a finished stage leaves its network under."""
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
+from dam_lightning.callbacks.stage_overlays import StageOverlays
 from dam_lightning.callbacks.summary import AdaptationSummary
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "GaussianMatching",
     "PredictionWriter",
     "PublishCheckpoint",
+    "StageOverlays",
 ]

@@ -3,6 +3,7 @@
 from dam_lightning.data.augment import RandomAffine
 from dam_lightning.data.cityscapes import Cityscapes
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
+from dam_lightning.data.digit_scenes import DigitScenes
 from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
 from dam_lightning.data.gta5 import GTA5
 from dam_lightning.data.label_shift import LabelShift
@@ -16,6 +17,7 @@ __all__ = [
     "SYNTHIA",
     "USPS",
     "Cityscapes",
+    "DigitScenes",
     "DomainAdaptationDataModule",
     "LabelShift",
     "RandomAffine",

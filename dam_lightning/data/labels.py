@@ -15,6 +15,17 @@ from torch import Tensor
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 """The ten digit classes shared by MNIST, USPS, SynDigits and UCIDigits; index == digit."""
 
+DIGIT_SCENE_CLASSES: tuple[str, ...] = (*DIGIT_CLASSES, "background")
+"""The 11 classes of a ``DigitScenes`` scene: index == digit for 0..9, then the background (10)."""
+
+DIGIT_SCENE_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 255, 255),
+    (64, 64, 64),
+)  # fmt: skip
+"""RGB per digit-scene class: matplotlib's tab10 for the digits (white for 9), dark grey for the
+background (ignored rim pixels are black in colour masks)."""
+
 IGNORE_INDEX = 255
 """Label value of pixels that are neither trained on nor scored (Cityscapes' trainId 255)."""
 
