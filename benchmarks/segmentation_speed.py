@@ -58,6 +58,7 @@ from dam_lightning.matching import (
 from dam_lightning.models import ERFNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 from dam_lightning.modules.task import SegmentationTask
+from dam_lightning.runs import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
 from machine import command_line, describe, provenance  # noqa: E402
@@ -448,10 +449,7 @@ def write_report(path: Path, lines: list[str], argv: list[str]) -> None:
             "",
         ]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(str(path), text)
 
 
 def main(argv=None) -> None:

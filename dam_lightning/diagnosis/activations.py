@@ -18,6 +18,7 @@ from dam_lightning.diagnosis.discriminability import pool_channels
 from dam_lightning.matching.gaussian import (
     ChannelStats,
     ChannelStatsAccumulator,
+    eval_mode,
     mean_gap,
     std_gap,
 )
@@ -128,7 +129,7 @@ def execution_order(
         return hook
 
     modules = {name: resolve_layer(net, name) for name in layers}
-    with _hooked(modules, record), torch.no_grad(), evaluating(net):
+    with _hooked(modules, record), torch.no_grad(), eval_mode(net):
         output = net(example)
     missing = [name for name in layers if name not in produced]
     if missing:
@@ -196,7 +197,7 @@ def record_activations(
     if fit_layers and len(fit_masks) != len(batches):
         raise ValueError(f"{len(fit_masks)} fit masks for {len(batches)} batches")
     device = device_of(net)
-    with _hooked(modules, record), torch.no_grad(), evaluating(net):
+    with _hooked(modules, record), torch.no_grad(), eval_mode(net):
         for index, x in enumerate(batches):
             ran.clear()
             fit_mask = fit_masks[index] if fit_layers else None
@@ -213,18 +214,6 @@ def record_activations(
         )
         for name in names
     }
-
-
-@contextmanager
-def evaluating(net: nn.Module):
-    """Eval mode for the duration; every submodule's own training flag is restored after."""
-    flags = {module: module.training for module in net.modules()}
-    net.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
 
 
 @contextmanager

@@ -174,7 +174,7 @@ def measure_statistics(
 
     handles = [m.register_forward_hook(accumulate(n)) for n, m in modules.items()]
     try:
-        with torch.no_grad(), _eval_mode(net):
+        with torch.no_grad(), eval_mode(net):
             for x in batches:
                 net(x)
     finally:
@@ -349,7 +349,7 @@ def gaussian_match(
     if len(calibration) == 0:
         raise ValueError("no target calibration batch was given")
 
-    with torch.no_grad(), _eval_mode(source_net, target_net):
+    with torch.no_grad(), eval_mode(source_net, target_net):
         if source_stats is None:
             source_stats = measure_statistics(source_net, source_batches, names, reduce)
         missing = [name for name in names if name not in source_stats]
@@ -795,8 +795,19 @@ def _check_matchable(name: str, module: nn.Module, batchnorm: str) -> None:
 
 
 @contextmanager
-def _eval_mode(*nets: nn.Module):
-    """Eval mode for the duration; every submodule's own training flag is restored after."""
+def eval_mode(*nets: nn.Module):
+    """Eval mode for the duration; every submodule's own training flag is restored after (a
+    plain ``net.train()`` would also wake layers kept in eval mode on purpose, such as F_t's
+    frozen BatchNorms).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1).eval())
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
     flags = {m: m.training for net in nets for m in net.modules()}
     for net in nets:
         net.eval()

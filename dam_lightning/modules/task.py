@@ -18,6 +18,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 
 from dam_lightning.data.labels import IGNORE_INDEX
+from dam_lightning.matching.gaussian import eval_mode
 from dam_lightning.metrics import SegmentationMetrics
 
 TaskName = Literal["classification", "segmentation"]
@@ -122,15 +123,10 @@ class Task:
         """Metrics of ``net`` over labelled batches, in eval mode; every submodule's own mode is
         restored after (``net.train()`` would also wake layers kept in eval mode on purpose,
         such as F_t's frozen BatchNorms). ``where`` names the batches in a bad-label error."""
-        modes = {module: module.training for module in net.modules()}
-        net.eval()
         metrics = self.metrics().to(device)
-        try:
+        with eval_mode(net):
             for x, y in batches:
                 self.update(metrics, net, x.to(device), y.to(device), where)
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
         return {name: float(value) for name, value in metrics.compute().items()}
 
 
