@@ -221,6 +221,8 @@ def segmentation_scores(
 class SegmentationMetrics(Metric):
     """Accumulates one ``(C, C)`` int64 confusion matrix (``.confmat``, rows = label, columns =
     prediction; summed across DDP ranks) and reports :func:`segmentation_scores` as a dict.
+    ``compute()`` keeps the matrix it scored as ``.computed_confmat`` (summed across ranks; it
+    outlives ``reset()``), for pictures and tables of the last evaluation.
 
     ``update(preds, target)``: logits ``(N, C, H, W)`` (argmax over dim 1) or predicted ids
     ``(N, H, W)``, against labels ``(N, H, W)`` of the same H, W; ``ignore_index`` pixels are
@@ -242,6 +244,8 @@ class SegmentationMetrics(Metric):
         >>> {k: round(v.item(), 3) for k, v in scores.items()}  # doctest: +NORMALIZE_WHITESPACE
         {'pixel_acc': 0.667, 'class_acc': 0.75, 'miou': 0.5, 'worst_class_iou': 0.0,
          'iou/road': 1.0, 'iou/car': 0.5, 'iou/bus': 0.0}
+        >>> metric.reset(); metric.confmat.sum().item(), metric.computed_confmat.sum().item()
+        (0, 3)
     """
 
     is_differentiable = False
@@ -265,6 +269,7 @@ class SegmentationMetrics(Metric):
         self.num_classes = len(self.class_names)
         zeros = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         self.add_state("confmat", zeros, dist_reduce_fx="sum")
+        self.computed_confmat: Tensor | None = None
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Count one batch of logits or predicted ids against its labels."""
@@ -274,4 +279,5 @@ class SegmentationMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """The scores of everything counted since the last reset."""
+        self.computed_confmat = self.confmat.clone()  # here summed across DDP ranks
         return segmentation_scores(self.confmat, self.class_names, self.subsets)

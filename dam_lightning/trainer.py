@@ -42,8 +42,10 @@ class DamTrainer(L.Trainer):
             model: a ``SourceModule`` or ``GAMAdaptModule`` config; its (source) network is
                 analysed.
             datamodule: source and target data; calibration batches come from its training sets.
-            ckpt_path: the source network's checkpoint (a ``SourceModule`` checkpoint or a state
-                dict); default the model's ``source_weights``.
+            ckpt_path: the source network's checkpoint: a ``SourceModule`` checkpoint, a
+                ``GAMAdaptModule`` checkpoint (its F_s, say of a run that trained F_s itself
+                with ``source_steps``, as the segmentation demo does) or a state dict; default
+                the model's ``source_weights``.
             calibration_batches: batches per domain.
             layers: layers to analyse (dotted names); default every Conv/Linear/BatchNorm.
         """
@@ -59,7 +61,7 @@ class DamTrainer(L.Trainer):
                 "SourceModule checkpoint, e.g. runs/<name>_source/source.ckpt) or set "
                 "model.init_args.source_weights"
             )
-        load_network_weights(net, weights)
+        load_network_weights(net, weights, prefixes=("net.", "source_net."))
         net.to(self.strategy.root_device).eval()
         diagnosis = diagnose_datamodule(
             net,

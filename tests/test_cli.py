@@ -17,7 +17,13 @@ from .conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # only meaningful on top of an experiment config
-OVERLAYS = {"ddp.yaml", "digits_reduced.yaml", "seg_demo_mnist.yaml", "seg_demo_usps.yaml"}
+OVERLAYS = {
+    "ddp.yaml",
+    "digits_reduced.yaml",
+    "few_shot.yaml",
+    "seg_demo_mnist.yaml",
+    "seg_demo_usps.yaml",
+}
 
 
 def _tiny_demo_args(tmp_path: Path, *extra: str) -> list[str]:

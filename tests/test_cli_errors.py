@@ -139,7 +139,7 @@ def test_a_nan_loss_stops_naming_loss_layer_and_step_and_keeps_the_last_good_che
     args = _demo(tmp_path, "--trainer.callbacks+=tests.cli_helpers.PoisonTargetNetwork")
     line = _error(args, capsys)
     assert line.startswith(
-        "error: the discriminator loss of layer fc3 (train/loss_d/fc3) is nan at epoch 1, "
+        "error: the discriminator loss of layer fc3 (layer/fc3/loss_d) is nan at epoch 1, "
         "batch 0 (global step 5)"
     )
     (last,) = tmp_path.rglob("last.ckpt")

@@ -377,3 +377,25 @@ def test_a_linear_probe_is_blind_after_matching_and_the_kernel_probe_is_not(lene
     for row in kernel.layers[:3]:
         assert row.a_distance_after > 1.5, row.name
     assert kernel.settings["probe"] == "kernel" and linear.settings["probe"] == "linear"
+
+
+def test_diagnose_analyses_the_source_network_of_a_gam_checkpoint(tmp_path):
+    """A GAM run that trained F_s itself (source_steps, as the segmentation demo) leaves F_s
+    only in its checkpoint, beside the adapted F_t: diagnose must read F_s, not F_t."""
+    from dam_lightning.modules import GAMAdaptModule
+    from dam_lightning.trainer import DamTrainer
+
+    torch.manual_seed(0)
+    adapted = GAMAdaptModule(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=1)
+    with torch.no_grad():
+        for p in adapted.target_net.parameters():
+            p.add_(1.0)  # F_t != F_s
+    path = tmp_path / "gam.ckpt"
+    torch.save({"state_dict": adapted.state_dict()}, path)
+    fresh = GAMAdaptModule(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=1)
+    data = DomainAdaptationDataModule(SynDigits(64, seed=0), SynDigits(64, seed=1), batch_size=16)
+    trainer = DamTrainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.diagnose(fresh, data, ckpt_path=str(path), calibration_batches=2)
+    for name, value in fresh.source_net.state_dict().items():
+        assert torch.equal(value, adapted.source_net.state_dict()[name]), name

@@ -1,6 +1,7 @@
 """Callbacks: Gaussian matching at epoch start, the adaptation summary table, prediction files,
-and the stable path a finished stage leaves its network under."""
+the stable path a finished stage leaves its network under, and the validation dashboard."""
 
+from dam_lightning.callbacks.dashboard import ValidationDashboard
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
@@ -13,4 +14,5 @@ __all__ = [
     "PredictionWriter",
     "PublishCheckpoint",
     "StageOverlays",
+    "ValidationDashboard",
 ]

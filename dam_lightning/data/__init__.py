@@ -5,6 +5,7 @@ from dam_lightning.data.cityscapes import Cityscapes
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, Unlabelled
 from dam_lightning.data.digit_scenes import DigitScenes
 from dam_lightning.data.digits import MNIST, USPS, SynDigits, UCIDigits
+from dam_lightning.data.few_shot import FewShot
 from dam_lightning.data.gta5 import GTA5
 from dam_lightning.data.label_shift import LabelShift
 from dam_lightning.data.segmentation import SegmentationDataset
@@ -19,6 +20,7 @@ __all__ = [
     "Cityscapes",
     "DigitScenes",
     "DomainAdaptationDataModule",
+    "FewShot",
     "LabelShift",
     "RandomAffine",
     "SegmentationDataset",

@@ -123,9 +123,20 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation/test/prediction; default ``batch_size``.
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffles and the choice of calibration batches.
+        few_shot: few-shot fine-tuning on the target (the paper's Fig. 6): the labelled training
+            set becomes ``FewShot(target, few_shot, few_shot_seed)``, this many labelled images
+            of the *target training set* (repeated to ``len(target)`` items), instead of the
+            source set. For ``SourceModule`` only (a GAM run, which needs the source domain, is
+            refused). Class names, task and number of classes still come from the source set
+            (which must agree with the target's). Validation and test are unchanged: note that
+            where ``target_val`` is ``target`` (the transductive digits protocol), the N
+            labelled images are among the scored ones.
+        few_shot_seed: chooses the ``few_shot`` images (nested: the images of a smaller N are
+            among those of a larger one for the same seed).
 
     The training loaders served depend on the LightningModule: ``SourceModule`` declares
-    ``train_domains = ("source",)``, ``GAMAdaptModule`` both domains.
+    ``train_domains = ("source",)``, ``GAMAdaptModule`` both domains. ``labelled_train`` is
+    the labelled set the "source" loader serves (``source``, or the few-shot target images).
 
     Example:
         >>> from dam_lightning.data.digits import SynDigits
@@ -147,10 +158,13 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        few_shot: int | None = None,
+        few_shot_seed: int = 0,
     ):
         super().__init__()
         _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers)
         self.source, self.target = source, target
+        self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
         self.target_val = target_val if target_val is not None else target
         self.source_val = source_val
         self.target_test = target_test if target_test is not None else self.target_val
@@ -161,6 +175,40 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         }
         self.num_workers, self.seed = num_workers, seed
         self._check_datasets()
+        self.labelled_train = self._labelled_training_set()
+
+    def _labelled_training_set(self) -> Dataset:
+        """What the "source" training loader serves: the source set, or with ``few_shot`` that
+        many labelled target images."""
+        if self.few_shot is None:
+            return self.source
+        from dam_lightning.data.few_shot import FewShot  # it imports this file
+
+        source_names = dataset_attribute(self.source, "classes")
+        target_names = dataset_attribute(self.target, "classes")
+        if None not in (source_names, target_names) and list(source_names) != list(target_names):
+            raise ValueError(
+                "data.few_shot trains on target labels, but the target set's classes are not "
+                "the source set's, under whose names the metrics are reported: target "
+                f"{list(target_names)}, source {list(source_names)}"
+            )
+        try:
+            return FewShot(self.target, self.few_shot, self.few_shot_seed)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"data.few_shot: {err}") from None
+
+    def setup(self, stage: str) -> None:
+        """Refuse ``few_shot`` for a module that trains on both domains (GAM), before any of
+        its training starts: its "source" batches would be target images."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        domains = getattr(module, "train_domains", DOMAINS)
+        if stage == "fit" and self.few_shot is not None and "target" in domains:
+            raise ValueError(
+                f"data.few_shot fine-tunes a SourceModule on {self.few_shot} labelled target "
+                f"images; {type(module).__name__} trains on the source and target domains and "
+                "would take those images for its source domain. Use a *_source.yaml config "
+                "with configs/few_shot.yaml, or remove data.few_shot"
+            )
 
     def _check_datasets(self) -> None:
         for role in ("source", "target", "target_val", "source_val", "target_test"):
@@ -226,9 +274,12 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         )
 
     def source_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """Shuffled labelled source batches (also used to train F_s inside a GAM run, where
-        under DDP each ``rank`` of ``world_size`` processes takes its own share)."""
-        return self._loader(self.source, self.batch_sizes["source"], self.seed, rank, world_size)
+        """Shuffled labelled batches of ``labelled_train`` (the source set, or the few-shot
+        target images), also used to train F_s inside a GAM run, where under DDP each ``rank``
+        of ``world_size`` processes takes its own share."""
+        return self._loader(
+            self.labelled_train, self.batch_sizes["source"], self.seed, rank, world_size
+        )
 
     def target_dataloader(self) -> DataLoader:
         """Shuffled unlabelled target batches (inputs only)."""

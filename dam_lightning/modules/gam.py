@@ -28,6 +28,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
 from dam_lightning.matching.drift import DriftReduction, weight_drift
+from dam_lightning.matching.gaussian import (
+    ChannelStats,
+    ChannelStatsAccumulator,
+    mean_gap,
+    std_gap,
+)
 from dam_lightning.matching.taps import ActivationTaps, resolve_layer
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
 from dam_lightning.modules.source import paper_source_optimizer, train_source_network
@@ -322,7 +328,7 @@ class GAMAdaptModule(EvaluatingModule):
         losses = {}
         if self.discriminators:
             losses = self._discriminator_step(optimizers[0], source_acts, target_acts)
-        self._target_step(optimizers[-1], target_acts, losses, batch_idx)
+        self._target_step(optimizers[-1], source_acts, target_acts, losses, batch_idx)
         self._step_schedulers()
 
     def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> dict:
@@ -334,30 +340,34 @@ class GAMAdaptModule(EvaluatingModule):
             real, fake = d(source_acts[name]), d(target_acts[name].detach())
             loss = self.gan.discriminator_loss(real, fake)
             total = total + weight * loss
-            losses[f"train/loss_d/{name}"] = loss.detach()
-            self.log(f"train/loss_d/{name}", loss)
-            self.log(f"train/acc_d/{name}", self.gan.accuracy(real, fake), prog_bar=True)
+            losses[layer_key(name, "loss_d")] = loss.detach()
+            self.log(layer_key(name, "loss_d"), loss)
+            self.log(layer_key(name, "acc_d"), self.gan.accuracy(real, fake), prog_bar=True)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         return losses
 
-    def _target_step(self, optimizer, target_acts: dict, losses: dict, batch_idx: int) -> None:
+    def _target_step(
+        self, optimizer, source_acts: dict, target_acts: dict, losses: dict, batch_idx: int
+    ) -> None:
         self.toggle_optimizer(optimizer)
         adversarial = torch.zeros((), device=self.device)
         losses = dict(losses)
         for name, weight in self.layers.items():
             loss = self.gan.generator_loss(self.discriminators[_key(name)](target_acts[name]))
             adversarial = adversarial + weight * loss
-            losses[f"train/loss_g/{name}"] = loss.detach()
-            self.log(f"train/loss_g/{name}", loss)
+            losses[layer_key(name, "loss_g")] = loss.detach()
+            self.log(layer_key(name, "loss_g"), loss)
         drift = weight_drift(self.target_net, self.drift_reference, self.hparams.drift_reduction)
         total = self.hparams.adversarial_weight * adversarial + self.hparams.drift_weight * drift
         losses["train/drift"] = drift.detach()
         self.log("train/drift", drift)
         self.log("train/loss_g", total)
         self._stop_unless_finite(losses, batch_idx)  # before F_t's update: its weights stay good
+        # Right after that check's device sync, the gaps' own syncs wait only on their reductions
+        self._log_activation_gaps(source_acts, target_acts)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
@@ -371,18 +381,31 @@ class GAMAdaptModule(EvaluatingModule):
         if bool(finite.all()):
             return
         index = int((~finite).nonzero()[0])
-        key = list(losses)[index]
-        layer = key.rsplit("/", 1)[-1]
-        what = {
-            "train/loss_d": f"the discriminator loss of layer {layer}",
-            "train/loss_g": f"the adversarial loss of F_t at layer {layer}",
-        }.get(key.rsplit("/", 1)[0], "the weight drift")
+        key, what = list(losses)[index], "the weight drift"
+        if key.startswith("layer/"):
+            layer, loss = key.removeprefix("layer/").rsplit("/", 1)
+            what = {
+                "loss_d": f"the discriminator loss of layer {layer}",
+                "loss_g": f"the adversarial loss of F_t at layer {layer}",
+            }[loss]
         raise FloatingPointError(
             f"{what} ({key}) is {float(values[index])} at epoch {self.current_epoch}, batch "
             f"{batch_idx} (global step {self.trainer.global_step}); training stopped before F_t "
             f"was updated with it. {_last_checkpoint_text(self.trainer)} Lower the learning "
             "rates or adversarial_weight, or check the data for NaN/inf"
         )
+
+    @torch.no_grad()
+    def _log_activation_gaps(self, source_acts: dict, target_acts: dict) -> None:
+        """Log the Gaussian gap of every matched layer on this batch: F_t's activations on the
+        target images against F_s's on the source images (the ones the discriminators just
+        saw), as ``layer/<name>/mean_gap`` and ``layer/<name>/std_gap``. It shows over time
+        what the discriminators are asked to close, beside their accuracy; per process, not
+        summed across DDP ranks (a curve to watch, not a measurement)."""
+        for name in self.layers:
+            source, target = _batch_stats(source_acts[name]), _batch_stats(target_acts[name])
+            self.log(layer_key(name, "mean_gap"), mean_gap(target, source))
+            self.log(layer_key(name, "std_gap"), std_gap(target, source))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to write a checkpoint whose weights hold NaN or inf: the last good one stays
@@ -423,18 +446,42 @@ class GAMAdaptModule(EvaluatingModule):
         return optimizers, schedulers
 
 
+def layer_key(layer: str, metric: str) -> str:
+    """The logged name of a per-layer metric, ``layer/<layer>/<metric>``: the discriminator's
+    loss and accuracy, F_t's adversarial loss and the activation gap of one matched layer share
+    one prefix, so they are read together (W&B: all in section ``layer``, one layer's panels
+    next to each other; one section per layer when the workspace groups by all prefixes).
+
+    Example:
+        >>> layer_key("encoder.layers.2", "acc_d")
+        'layer/encoder.layers.2/acc_d'
+    """
+    return f"layer/{layer}/{metric}"
+
+
+def _batch_stats(activation: torch.Tensor) -> ChannelStats:
+    """Per-channel statistics of one batch's activation on this process alone (no DDP sum: a
+    logged curve must not cost a collective per layer and batch)."""
+    accumulator = ChannelStatsAccumulator()
+    accumulator.update(activation)
+    return accumulator.compute(reduce=lambda moments: moments)
+
+
 def _key(layer: str) -> str:
     """ModuleDict key for a dotted layer name (module names cannot contain dots)."""
     return layer.replace(".", "__")
 
 
-def load_network_weights(net: nn.Module, path: str) -> str:
+def load_network_weights(
+    net: nn.Module, path: str, prefixes: Sequence[str] = ("net.", "target_net.")
+) -> str:
     """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict; returns
     where the file came from (its run folder, if recorded, and when it was written).
 
-    A Lightning checkpoint's ``state_dict`` is searched for the ``net.`` prefix (SourceModule)
-    and then ``target_net.`` (a GAM checkpoint, to adapt further). Only load files you trust:
-    checkpoints are pickles.
+    A Lightning checkpoint's ``state_dict`` is searched for the ``prefixes`` in order: by
+    default ``net.`` (SourceModule) and then ``target_net.`` (a GAM checkpoint's adapted
+    network, to adapt further); ``diagnose`` asks for ``source_net.`` instead, a GAM run's F_s.
+    Only load files you trust: checkpoints are pickles.
     """
     if not os.path.isfile(path):
         stage_one = os.path.basename(os.path.dirname(path))
@@ -447,7 +494,7 @@ def load_network_weights(net: nn.Module, path: str) -> str:
     state = blob.get("state_dict", blob)
     if not isinstance(state, dict):
         raise ValueError(f"source_weights: {path} holds no state dict")
-    for prefix in ("net.", "target_net."):
+    for prefix in prefixes:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             break

@@ -1,18 +1,21 @@
 """Stage 1 of GAM: supervised training of the source network F_s on labelled source data.
 
-``SourceModule`` is the Lightning way (its checkpoint feeds ``GAMAdaptModule(source_weights=...)``);
-``train_source_network`` is the same objective as a plain loop, which ``GAMAdaptModule`` uses
-when it is asked to train F_s itself (the one-command demo).
+``SourceModule`` is the Lightning way (its checkpoint feeds ``GAMAdaptModule(source_weights=...)``;
+with ``init_weights`` it fine-tunes a trained network instead, e.g. on a few labelled target
+images); ``train_source_network`` is the same objective as a plain loop, which
+``GAMAdaptModule`` uses when it is asked to train F_s itself (the one-command demo).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
@@ -41,6 +44,12 @@ class SourceModule(EvaluatingModule):
         task, class_names, class_subsets: what the data is (linked from the data module by the
             CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
         class_weights: segmentation only: per-class weights of the cross-entropy.
+        init_weights: start from these weights instead of a random initialisation (fine-tuning,
+            e.g. ``configs/few_shot.yaml``): a ``SourceModule`` checkpoint (its ``net``), a
+            ``GAMAdaptModule`` checkpoint (its adapted ``target_net``) or a state dict of
+            ``net``. Loaded once, when the first fit starts; a resumed fit, or a fit of a module
+            restored from a checkpoint, keeps the weights it has (the ``weights_initialised``
+            buffer, saved in checkpoints, records that).
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -63,6 +72,7 @@ class SourceModule(EvaluatingModule):
         class_names: Sequence[str] | None = None,
         class_subsets: Mapping[str, Sequence[str]] | None = None,
         class_weights: Sequence[float] | None = None,
+        init_weights: str | None = None,
     ):
         super().__init__(num_classes, task, class_names, class_subsets, class_weights)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "augment"])
@@ -70,10 +80,36 @@ class SourceModule(EvaluatingModule):
         self.augment = augment
         self.optimizer_factory = optimizer or paper_source_optimizer
         self.scheduler_factory = scheduler
+        # Saved with the weights: a resumed fit must continue from them, not reload init_weights.
+        self.register_buffer("weights_initialised", torch.tensor(False))
 
     @property
     def eval_net(self) -> nn.Module:
         return self.net
+
+    def on_fit_start(self) -> None:
+        """Load ``init_weights`` into ``net`` at the start of the first fit only (Lightning
+        restores a resumed fit's checkpoint before this hook, buffer included)."""
+        super().on_fit_start()
+        if bool(self.weights_initialised):
+            return
+        path = self.hparams.init_weights
+        if path:
+            origin = load_initial_weights(self.net, path)
+            rank_zero_info(f"Initial weights of the network: {path} ({origin})")
+        elif getattr(self.trainer.datamodule, "few_shot", None):
+            rank_zero_warn(
+                f"training on {self.trainer.datamodule.few_shot} labelled target images from a "
+                "random initialisation: no model.init_args.init_weights was given. To fine-tune, "
+                "pass the checkpoint of a source or GAM run as init_weights"
+            )
+        self.weights_initialised.fill_(True)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written before ``weights_initialised`` existed holds trained weights:
+        mark them initialised, so it loads (strictly) and is never overwritten by init_weights."""
+        super().on_load_checkpoint(checkpoint)
+        checkpoint.get("state_dict", {}).setdefault("weights_initialised", torch.tensor(True))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = batch["source"]
@@ -93,6 +129,25 @@ class SourceModule(EvaluatingModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def load_initial_weights(net: nn.Module, path: str) -> str:
+    """Load ``net``'s weights from ``path`` (SourceModule or GAM checkpoint, or state dict) for
+    ``init_weights``; returns where the file came from. The loading is GAM's
+    ``load_network_weights``; its messages are renamed to the ``init_weights`` setting."""
+    from dam_lightning.modules.gam import load_network_weights  # gam.py imports this file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"init_weights: {path} does not exist; pass the checkpoint of a finished run, e.g. "
+            "runs/<experiment>/<date>_<time>/checkpoints/last.ckpt or "
+            "runs/<name>_source/source.ckpt"
+        )
+    try:
+        return load_network_weights(net, path)
+    except (OSError, ValueError) as err:
+        message = str(err).removeprefix("source_weights: ")
+        raise type(err)(f"init_weights: {message}") from err
 
 
 def train_source_network(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.matching.gaussian import eval_mode
@@ -24,29 +24,35 @@ from dam_lightning.metrics import SegmentationMetrics
 TaskName = Literal["classification", "segmentation"]
 
 
-class WorstClassAccuracy(MulticlassStatScores):
+class WorstClassAccuracy(MulticlassConfusionMatrix):
     """The accuracy of the class the network gets most wrong: min over classes of
     (correct predictions of the class) / (images of the class), over the classes present.
 
     Adversarial adaptation can score well overall while it maps one whole target class onto
     another (on USPS->MNIST, 7s predicted as 9s); micro accuracy hides that, this shows it.
+    It is computed from a confusion matrix (``confmat``, rows = label, columns = prediction),
+    which ``compute()`` keeps as ``computed_confmat`` for pictures of it (as
+    ``SegmentationMetrics`` does).
 
     Example:
         >>> metric = WorstClassAccuracy(num_classes=3)
         >>> metric.update(torch.eye(3)[[0, 0, 1, 2]], torch.tensor([0, 0, 1, 1]))
         >>> metric.compute().item()  # class 1: one of two right; class 2 has no images
         0.5
+        >>> metric.computed_confmat.tolist()
+        [[2, 0, 0], [0, 1, 1], [0, 0, 0]]
     """
 
     def __init__(self, num_classes: int):
-        super().__init__(num_classes, average=None, validate_args=False)
+        super().__init__(num_classes, validate_args=False)
+        self.computed_confmat: Tensor | None = None
 
     def compute(self) -> Tensor:
-        stats = super().compute()  # per class: tp, fp, tn, fn, support
-        correct, images = stats[:, 0], stats[:, 4]
+        self.computed_confmat = self.confmat.clone()  # summed across DDP ranks in compute()
+        correct, images = self.confmat.diagonal(), self.confmat.sum(dim=1)
         present = images > 0
         if not present.any():
-            return torch.tensor(0.0, device=stats.device)
+            return torch.tensor(0.0, device=self.confmat.device)
         return (correct[present].float() / images[present]).min()
 
 
@@ -67,8 +73,7 @@ class Task:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
-                f"{len(class_names)} class names for num_classes={num_classes}: "
-                f"{list(class_names)}"
+                f"{len(class_names)} class names for num_classes={num_classes}: {list(class_names)}"
             )
         self.num_classes = num_classes
         self.class_names = tuple(class_names or (str(c) for c in range(num_classes)))
@@ -88,6 +93,13 @@ class Task:
     def label_size(self, labels: Tensor) -> tuple[int, ...] | None:
         """The spatial size predictions must have to be scored against ``labels``."""
         return None
+
+    def confusion_matrix(self, metrics) -> Tensor | None:
+        """The ``(C, C)`` confusion matrix (rows = label, columns = prediction) that the last
+        ``compute()`` of ``metrics`` (made by ``self.metrics()``) scored, summed across DDP
+        ranks; None before the first ``compute()``. It survives ``reset()``, so it can be read
+        after a validation epoch has been logged."""
+        raise NotImplementedError
 
     def check_labels(self, labels: Tensor, where: str) -> None:
         """Raise a clear error when labels fall outside ``0..num_classes-1`` (and the ignore
@@ -156,6 +168,9 @@ class ClassificationTask(Task):
             }
         )
 
+    def confusion_matrix(self, metrics: MetricCollection) -> Tensor | None:
+        return metrics["worst_class_acc"].computed_confmat
+
 
 class SegmentationTask(Task):
     """Semantic segmentation: pixel-wise cross-entropy ignoring label 255 (optionally class
@@ -214,6 +229,9 @@ class SegmentationTask(Task):
 
     def metrics(self) -> SegmentationMetrics:
         return SegmentationMetrics(self.class_names, self.class_subsets)
+
+    def confusion_matrix(self, metrics: SegmentationMetrics) -> Tensor | None:
+        return metrics.computed_confmat
 
 
 def _resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
