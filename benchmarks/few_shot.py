@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +46,7 @@ from machine import command_line, provenance  # noqa: E402
 from dam_lightning.data import DomainAdaptationDataModule  # noqa: E402
 from dam_lightning.models import LeNet  # noqa: E402
 from dam_lightning.modules import SourceModule  # noqa: E402
+from dam_lightning.runs import atomic_torch_save  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "configs" / "few_shot.yaml"
@@ -133,21 +130,10 @@ def seg_start(seed: int, init: str) -> tuple[str, dict]:
     if not source.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
         prefix = "source_net."
-        torch.save({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, source)
-    return str(source), run["rows"]
-
-
-def cli(command: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    done = subprocess.run(
-        [sys.executable, "-m", "dam_lightning", *command], cwd=REPO, env=env,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        atomic_torch_save(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, source
         )
-    return done.stdout
+    return str(source), run["rows"]
 
 
 def seg_run(seed: int, init: str, shots: int) -> dict:
@@ -163,11 +149,11 @@ def seg_run(seed: int, init: str, shots: int) -> dict:
         "--trainer.enable_progress_bar=false",
         "--trainer.logger.init_args.name=few_shot_bench",
     ]
-    out = cli(["fit", *config, *data, f"--model.init_args.init_weights={start}",
+    out = S.run_cli(["fit", *config, *data, f"--model.init_args.init_weights={start}",
                f"--data.few_shot={shots}", f"--data.few_shot_seed={seed}", *quiet])  # fmt: skip
-    folder = REPO / re.search(r"^Run folder: (\S+)", out, re.M).group(1)
+    folder = S.run_folder(out)
     checkpoint = folder / "checkpoints" / "last.ckpt"
-    cli(["validate", *config, *data, f"--ckpt_path={checkpoint}", *quiet])
+    S.run_cli(["validate", *config, *data, f"--ckpt_path={checkpoint}", *quiet])
     metrics = json.loads(sorted(folder.glob("validate-*/metrics.json"))[-1].read_text())
     return {
         "miou": metrics["val/target/miou"], "pixel_acc": metrics["val/target/pixel_acc"],
@@ -186,18 +172,12 @@ def run_seg_demo(args, cache: dict, cache_path: Path) -> None:
                 print(f"{key}: {100 * cache[key]['miou']:.2f}", flush=True)
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.1f}" if values else "-"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def table(shots: list[int], cell) -> list[str]:
     """One row per starting network, one column per N; ``cell(init, n)`` gives the values."""
     lines = ["| start \\ N labelled target images | " + " | ".join(map(str, shots)) + " |"]
     lines.append("|---|" + "---|" * len(shots))
     for init in INITS:
-        lines.append(f"| {init} | " + " | ".join(mean_std(cell(init, n)) for n in shots) + " |")
+        lines.append(f"| {init} | " + " | ".join(RL.mean_std(cell(init, n)) for n in shots) + " |")
     return lines
 
 

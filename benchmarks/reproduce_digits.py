@@ -40,6 +40,7 @@ from dam_lightning.callbacks import GaussianMatching
 from dam_lightning.data import MNIST, USPS, DomainAdaptationDataModule, LabelShift, RandomAffine
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
+from dam_lightning.runs import atomic_torch_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
 from machine import command_line, describe  # noqa: E402
@@ -173,7 +174,7 @@ def train_supervised(
     module = SourceModule(LeNet, num_classes=10, augment=augment)
     data = DomainAdaptationDataModule(labelled, target, batch_size=128, seed=seed)
     _trainer(iterations).fit(module, data)
-    torch.save(module.net.state_dict(), weights)
+    atomic_torch_save(module.net.state_dict(), weights)
     return evaluate(module, module.net, target)
 
 

@@ -51,23 +51,34 @@ def seed_arguments(seed: int) -> list[str]:
     return [f"--{key}={seed}" for key in keys]
 
 
-def run_one(variant: str, seed: int, split: str, extra: list[str], name: str) -> dict:
-    """One CLI run; returns its summary rows, its wall time and its phase times."""
-    command = [
-        sys.executable, "-m", "dam_lightning", "fit", "--config", "configs/seg_demo.yaml",
-        *VARIANTS[variant][1], *seed_arguments(seed),
-        f"--data.target_val.init_args.split={split}", "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.name={name}", *extra,
-    ]  # fmt: skip
+def run_cli(arguments: list[str]) -> str:
+    """``python -m dam_lightning <arguments>`` in the repository, on one thread, W&B offline;
+    its stdout. A failure raises with the command and the end of its output."""
+    command = [sys.executable, "-m", "dam_lightning", *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
         )
-    folder = REPO / re.search(r"^Run folder: (\S+)", done.stdout, re.M).group(1)
+    return done.stdout
+
+
+def run_folder(stdout: str) -> Path:
+    """The run folder a CLI command printed ("Run folder: ...")."""
+    return REPO / re.search(r"^Run folder: (\S+)", stdout, re.M).group(1)
+
+
+def run_one(variant: str, seed: int, split: str, extra: list[str], name: str) -> dict:
+    """One CLI run; returns its summary rows, its wall time and its phase times."""
+    start = time.perf_counter()
+    stdout = run_cli([
+        "fit", "--config", "configs/seg_demo.yaml", *VARIANTS[variant][1], *seed_arguments(seed),
+        f"--data.target_val.init_args.split={split}", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.name={name}", *extra,
+    ])  # fmt: skip
+    wall = time.perf_counter() - start
+    folder = run_folder(stdout)
     rows = json.loads((folder / "summary.json").read_text())
     return {
         "variant": variant, "seed": seed, "split": split, "wall_s": wall, "rows": rows,

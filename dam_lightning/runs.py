@@ -9,6 +9,7 @@ logger's. Nothing here trains or evaluates.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import os
 import tempfile
@@ -217,6 +218,14 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """``atomic_write_bytes`` for text (UTF-8)."""
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``atomic_write_bytes``: a file of weights that later runs reuse
+    is either whole or absent, never truncated by a kill."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(os.fspath(path), buffer.getvalue())
 
 
 def _umask() -> int:

@@ -61,7 +61,8 @@ class DamTrainer(L.Trainer):
                 "SourceModule checkpoint, e.g. runs/<name>_source/source.ckpt) or set "
                 "model.init_args.source_weights"
             )
-        load_network_weights(net, weights, prefixes=("net.", "source_net."))
+        load_network_weights(net, weights, prefixes=("net.", "source_net."),
+                             setting="ckpt_path" if ckpt_path else "source_weights")  # fmt: skip
         net.to(self.strategy.root_device).eval()
         diagnosis = diagnose_datamodule(
             net,

@@ -249,8 +249,8 @@ def test_classification_has_its_confusion_matrix_and_a_per_class_accuracy_table(
 # ---- (c) loggers that cannot show pictures, or only some ----------------------------------------
 
 
-def test_every_n_val_epochs_counts_validation_runs_but_not_sanity_checks():
-    dashboard = ValidationDashboard(every_n_val_epochs=2)
+def test_every_n_validations_counts_validation_runs_but_not_sanity_checks():
+    dashboard = ValidationDashboard(every_n_validations=2)
     runs = [SimpleNamespace(sanity_checking=flag) for flag in (True, False, False, False, False)]
     assert [dashboard._due(trainer) for trainer in runs] == [False, True, False, True, False]
     assert dashboard.state_dict() == {"validations": 4}
@@ -316,7 +316,7 @@ def test_a_csv_logged_run_with_the_dashboard_keeps_its_metrics_and_tensorboard_g
     assert np.array_equal(truth_colours[labelled.numpy()], palette[labels[labelled].numpy()])
 
 
-# ---- (d) diagnose's figures in an offline W&B run -------------------------------------------------
+# ---- (d) diagnose's figures in an offline W&B run ----------------------------------------------
 
 
 def test_diagnose_logs_its_figures_to_an_offline_wandb_run(offline_wandb):

@@ -363,3 +363,25 @@ def test_few_shot_errors_through_the_cli(configs, flags, message, tmp_path, caps
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
     assert list(tmp_path.rglob("*.ckpt")) == []
+
+
+def test_validate_without_a_checkpoint_scores_the_init_weights_network(tmp_path):
+    """`validate` with init_weights and no --ckpt_path must score those weights, not a random
+    initialisation."""
+    from dam_lightning.data import DomainAdaptationDataModule, SynDigits
+    from dam_lightning.models import LeNet
+    from dam_lightning.modules import SourceModule
+
+    from .conftest import quiet_trainer
+
+    torch.manual_seed(0)
+    trained = LeNet(10)
+    path = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), path)
+    module = SourceModule(LeNet, num_classes=10, init_weights=str(path))
+    data = DomainAdaptationDataModule(SynDigits(32, seed=0), SynDigits(32, seed=1), batch_size=16)
+    quiet_trainer(default_root_dir=tmp_path, limit_val_batches=1.0).validate(
+        module, datamodule=data
+    )
+    for name, value in module.net.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[name]), name

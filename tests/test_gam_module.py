@@ -190,3 +190,23 @@ def test_source_drift_anchor_is_the_source_network(tiny_digits):
 def test_unknown_drift_anchor_is_a_clear_error():
     with pytest.raises(ValueError, match="drift_anchor must be 'source' or 'matched'.*'sorce'"):
         GAMAdaptModule(LeNet, num_classes=10, drift_anchor="sorce")
+
+
+class GapSpy(GAMAdaptModule):
+    """Counts the batches whose activation gaps were measured."""
+
+    def setup(self, stage: str) -> None:
+        self.measured = 0
+
+    def _log_activation_gaps(self, *args):
+        self.measured += 1
+        super()._log_activation_gaps(*args)
+
+
+def test_activation_gaps_are_measured_only_on_batches_whose_logs_are_written(tiny_digits):
+    """The per-layer gap costs device syncs: measured every log_every_n_steps batches only."""
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=16)
+    module = GapSpy(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=1)
+    _trainer(max_steps=12, log_every_n_steps=3).fit(module, dm)  # 6 batches
+    assert module.measured == 2

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from dam_lightning.callbacks.predictions import default_palette
-from dam_lightning.callbacks.stage_overlays import colour_mask, overlay
+from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_image
+from dam_lightning.data.datamodule import dataset_attribute
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import resize_mask
 from dam_lightning.matching.gaussian import eval_mode
@@ -166,7 +167,7 @@ class Dashboard:
 
 
 class ValidationDashboard(L.Callback):
-    """After every ``every_n_val_epochs``-th validation run (the first one included; sanity
+    """After every ``every_n_validations``-th validation run (the first one included; sanity
     checks never count), on rank 0, log for the target validation set:
 
     - ``val/target/confusion_matrix``: the confusion matrix, rows divided by their sums, class
@@ -184,24 +185,24 @@ class ValidationDashboard(L.Callback):
 
     Args:
         num_images: how many target validation images to show (0: none).
-        every_n_val_epochs: log at every n-th validation run.
+        every_n_validations: log at every n-th validation run.
 
     Example:
-        >>> ValidationDashboard(num_images=2, every_n_val_epochs=5).every_n_val_epochs
+        >>> ValidationDashboard(num_images=2, every_n_validations=5).every_n_validations
         5
     """
 
-    def __init__(self, num_images: int = 4, every_n_val_epochs: int = 1):
+    def __init__(self, num_images: int = 4, every_n_validations: int = 1):
         if num_images < 0:
             raise ValueError(f"ValidationDashboard: num_images must be >= 0, got {num_images}")
-        if every_n_val_epochs < 1:
+        if every_n_validations < 1:
             raise ValueError(
-                f"ValidationDashboard: every_n_val_epochs must be >= 1, got {every_n_val_epochs}"
+                f"ValidationDashboard: every_n_validations must be >= 1, got {every_n_validations}"
             )
         self.num_images = num_images
-        self.every_n_val_epochs = every_n_val_epochs
+        self.every_n_validations = every_n_validations
         self.validations = 0
-        self._shown: tuple[Tensor, Tensor, list[str]] | None = None
+        self._shown: list[tuple[Tensor, Tensor, str]] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for attribute in ("task", "val_metrics", "eval_net"):
@@ -231,7 +232,7 @@ class ValidationDashboard(L.Callback):
         if trainer.sanity_checking:
             return False
         self.validations += 1
-        return (self.validations - 1) % self.every_n_val_epochs == 0
+        return (self.validations - 1) % self.every_n_validations == 0
 
     def build(self, trainer: L.Trainer, pl_module: L.LightningModule, confmat: Tensor) -> Dashboard:
         """The pictures and the table of one validation, from its confusion matrix."""
@@ -243,37 +244,36 @@ class ValidationDashboard(L.Callback):
         dataset = getattr(trainer.datamodule, "target_val", None)
         if task.name == "segmentation" and self.num_images > 0 and dataset is not None:
             dashboard.images = self._masked_images(dataset, pl_module)
-            palette = _dataset_attribute(dataset, "palette")
+            palette = dataset_attribute(dataset, "palette")
             dashboard.palette = palette or default_palette(task.num_classes)
         return dashboard
 
     @torch.no_grad()
     def _masked_images(self, dataset, pl_module) -> list[MaskedImage]:
-        """The fixed images with the current network's prediction, at the image's size."""
-        images, truths, names = self._fixed_images(dataset)
-        with eval_mode(pl_module.eval_net):
-            logits = pl_module.task.predict(
-                pl_module.eval_net, images.to(pl_module.device), images.shape[-2:]
-            )
-        predictions = logits.argmax(dim=1).cpu()
-        return [
-            MaskedImage(displayable(image, dataset), prediction, truth, name)
-            for image, prediction, truth, name in zip(
-                images, predictions, truths, names, strict=True
-            )
-        ]
+        """The fixed images with the current network's prediction, at the image's size, one
+        image at a time (a validation set may mix image sizes), in the network's own dtype
+        (``bf16-true`` keeps bf16 weights; callbacks run outside autocast)."""
+        net = pl_module.eval_net
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+        shown = []
+        with eval_mode(net):
+            for image, truth, name in self._fixed_images(dataset):
+                x = image.unsqueeze(0).to(pl_module.device, dtype)
+                logits = pl_module.task.predict(net, x, image.shape[-2:])
+                prediction = logits.argmax(dim=1)[0].cpu()
+                shown.append(MaskedImage(displayable(image, dataset), prediction, truth, name))
+        return shown
 
-    def _fixed_images(self, dataset) -> tuple[Tensor, Tensor, list[str]]:
-        """The first ``num_images`` items of the target validation set, read once; labels at
-        the image's size (nearest) when the set keeps them at their native resolution."""
+    def _fixed_images(self, dataset) -> list[tuple[Tensor, Tensor, str]]:
+        """The first ``num_images`` items of the target validation set, read once: image,
+        labels at the image's size (nearest, when the set keeps them at their native
+        resolution) and name."""
         if self._shown is None:
-            count = min(self.num_images, len(dataset))
-            items = [dataset[i] for i in range(count)]
-            images = torch.stack([x for x, _ in items])
-            truths = torch.stack(
-                [_at_size(torch.as_tensor(y), images.shape[-2:]) for _, y in items]
-            )
-            self._shown = (images, truths, [_item_name(dataset, i) for i in range(count)])
+            self._shown = []
+            for index in range(min(self.num_images, len(dataset))):
+                x, y = dataset[index]
+                truth = _at_size(torch.as_tensor(y), x.shape[-2:])
+                self._shown.append((x, truth, _item_name(dataset, index)))
         return self._shown
 
     def state_dict(self) -> dict:
@@ -311,7 +311,7 @@ def _publish_to_wandb(logger: WandbLogger, dashboard: Dashboard, step: int) -> N
         labels = dict(enumerate(dashboard.class_names))
         payload[f"{PREFIX}/masks"] = [
             wandb.Image(
-                _uint8(shown.image),
+                rgb_image(shown.image),
                 masks={
                     "prediction": {"mask_data": _ids(shown.prediction), "class_labels": labels},
                     "ground_truth": {
@@ -332,7 +332,7 @@ def _publish_to_tensorboard(logger: TensorBoardLogger, dashboard: Dashboard, ste
     for k, shown in enumerate(dashboard.images):
         strip = np.concatenate(
             [
-                _uint8(shown.image),
+                rgb_image(shown.image),
                 overlay(shown.image, shown.prediction, dashboard.palette),
                 colour_mask(shown.truth, dashboard.palette),
             ],
@@ -349,22 +349,12 @@ def displayable(image: Tensor, dataset) -> Tensor:
         >>> displayable(torch.full((3, 1, 1), 2.0), None).flatten().tolist()
         [1.0, 1.0, 1.0]
     """
-    transform = _dataset_attribute(dataset, "transform")
+    transform = dataset_attribute(dataset, "transform")
     mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
     image = image.float()
     if mean is not None and std is not None:
         image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     return image.clamp(0, 1)
-
-
-def _dataset_attribute(dataset, name: str):
-    """``name`` of the dataset or of the first dataset it wraps (``Subset``) that has one."""
-    while dataset is not None:
-        value = getattr(dataset, name, None)
-        if value is not None:
-            return value
-        dataset = getattr(dataset, "dataset", None)
-    return None
 
 
 def _item_name(dataset, index: int) -> str:
@@ -376,10 +366,6 @@ def _at_size(labels: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     return resize_mask(labels, size).as_subclass(Tensor)
-
-
-def _uint8(image: Tensor) -> np.ndarray:
-    return np.rint(image.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
 
 
 def _ids(labels: Tensor) -> np.ndarray:

@@ -20,6 +20,7 @@ from torch import Tensor
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.callbacks.predictions import default_palette, save_png_atomically
 from dam_lightning.data.labels import colour_table
+from dam_lightning.matching.gaussian import eval_mode
 from dam_lightning.runs import run_directory
 
 __all__ = ["StageOverlays", "colour_mask", "overlay"]
@@ -102,13 +103,8 @@ class StageOverlays(L.Callback):
         if not trainer.is_global_zero:
             return
         images, labels = self._target_images(trainer)
-        modes = {module: module.training for module in net.modules()}
-        net.eval()
-        try:
+        with eval_mode(net):
             logits = pl_module.task.predict(net, images.to(pl_module.device), labels.shape[-2:])
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
         self.stages[stage] = logits.argmax(dim=1).cpu()
         self._write_stage(trainer, stage)
 
@@ -122,7 +118,7 @@ class StageOverlays(L.Callback):
         images, labels = self._target_images(trainer)
         palette, predicted = self._palette(trainer), self.stages[stage]
         rows = [
-            [_rgb(x) for x in images],
+            [rgb_image(x) for x in images],
             [overlay(x, p, palette) for x, p in zip(images, predicted, strict=True)],
             [colour_mask(p, palette) for p in predicted],
             [colour_mask(y, palette) for y in labels],
@@ -134,7 +130,7 @@ class StageOverlays(L.Callback):
     def _write_all(self, trainer) -> None:
         images, labels = self._target_images(trainer)
         palette = self._palette(trainer)
-        rows = [[_rgb(x) for x in images], [colour_mask(y, palette) for y in labels]]
+        rows = [[rgb_image(x) for x in images], [colour_mask(y, palette) for y in labels]]
         rows += [[colour_mask(p, palette) for p in pred] for pred in self.stages.values()]
         self._save(trainer, rows, "stages.png")
 
@@ -161,5 +157,11 @@ class StageOverlays(L.Callback):
         self.stages = dict(state_dict["stages"])
 
 
-def _rgb(image: Tensor) -> np.ndarray:
+def rgb_image(image: Tensor) -> np.ndarray:
+    """A (3, H, W) image in [0, 1] as (H, W, 3) uint8 RGB (values outside [0, 1] clamped).
+
+    Example:
+        >>> rgb_image(torch.tensor([[[0.5]], [[2.0]], [[-1.0]]])).tolist()
+        [[[128, 255, 0]]]
+    """
     return np.rint(image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)

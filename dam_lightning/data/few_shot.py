@@ -28,7 +28,8 @@ class FewShot(Dataset):
     real few-shot labelling). For one seed the choices are nested: the 5 images of
     ``num_images=5`` are among the 10 of ``num_images=10``, so a curve over N adds images rather
     than drawing new ones. Item ``i`` is image ``indices[i % num_images]``, so every image
-    appears ``length / num_images`` times (within one) per pass; the default ``length`` is
+    appears ``length / num_images`` times (within one) per pass over the items (the training
+    loader drops a last partial batch, so an epoch may serve a few items fewer); the default ``length`` is
     ``len(dataset)``, so an epoch has as many items, and a validation schedule counted in epochs
     keeps its meaning. The training sampler shuffles the repeats.
 

@@ -366,12 +366,12 @@ class GAMAdaptModule(EvaluatingModule):
         self.log("train/drift", drift)
         self.log("train/loss_g", total)
         self._stop_unless_finite(losses, batch_idx)  # before F_t's update: its weights stay good
-        # Right after that check's device sync, the gaps' own syncs wait only on their reductions
-        self._log_activation_gaps(source_acts, target_acts)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
+        if _logs_written_this_step(self.trainer):  # after backward: the graph's memory is free
+            self._log_activation_gaps(source_acts, target_acts)
 
     def _stop_unless_finite(self, losses: dict, batch_idx: int) -> None:
         """Raise FloatingPointError naming the first loss of this batch that is NaN or inf, the
@@ -446,6 +446,14 @@ class GAMAdaptModule(EvaluatingModule):
         return optimizers, schedulers
 
 
+def _logs_written_this_step(trainer) -> bool:
+    """Whether Lightning writes this batch's logged values to the loggers (every
+    ``log_every_n_steps`` batches): the activation gaps cost device syncs, so they are only
+    measured then."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 def layer_key(layer: str, metric: str) -> str:
     """The logged name of a per-layer metric, ``layer/<layer>/<metric>``: the discriminator's
     loss and accuracy, F_t's adversarial loss and the activation gap of one matched layer share
@@ -473,7 +481,10 @@ def _key(layer: str) -> str:
 
 
 def load_network_weights(
-    net: nn.Module, path: str, prefixes: Sequence[str] = ("net.", "target_net.")
+    net: nn.Module,
+    path: str,
+    prefixes: Sequence[str] = ("net.", "target_net."),
+    setting: str = "source_weights",
 ) -> str:
     """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict; returns
     where the file came from (its run folder, if recorded, and when it was written).
@@ -481,19 +492,20 @@ def load_network_weights(
     A Lightning checkpoint's ``state_dict`` is searched for the ``prefixes`` in order: by
     default ``net.`` (SourceModule) and then ``target_net.`` (a GAM checkpoint's adapted
     network, to adapt further); ``diagnose`` asks for ``source_net.`` instead, a GAM run's F_s.
-    Only load files you trust: checkpoints are pickles.
+    Errors name ``setting``, the option the file came from. Only load files you trust:
+    checkpoints are pickles.
     """
     if not os.path.isfile(path):
         stage_one = os.path.basename(os.path.dirname(path))
         config = stage_one if stage_one.endswith("_source") else "<experiment>_source"
         raise FileNotFoundError(
-            f"source_weights: {path} does not exist; train it with `python -m dam_lightning fit "
+            f"{setting}: {path} does not exist; train it with `python -m dam_lightning fit "
             f"--config configs/{config}.yaml` (which saves it there) or set source_steps"
         )
-    blob = load_checkpoint(path, "source_weights")
+    blob = load_checkpoint(path, setting)
     state = blob.get("state_dict", blob)
     if not isinstance(state, dict):
-        raise ValueError(f"source_weights: {path} holds no state dict")
+        raise ValueError(f"{setting}: {path} holds no state dict")
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -501,11 +513,11 @@ def load_network_weights(
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        fits = f"source_weights: {path} does not fit {type(net).__name__}"
+        fits = f"{setting}: {path} does not fit {type(net).__name__}"
         raise ValueError(f"{fits}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"source_weights: {path} does not fit {type(net).__name__}: missing "
+            f"{setting}: {path} does not fit {type(net).__name__}: missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was it "
             "trained with the same net and num_classes?"
         )

@@ -91,13 +91,28 @@ class SourceModule(EvaluatingModule):
         """Load ``init_weights`` into ``net`` at the start of the first fit only (Lightning
         restores a resumed fit's checkpoint before this hook, buffer included)."""
         super().on_fit_start()
+        self._initialise_weights(fitting=True)
+
+    def on_validation_start(self) -> None:
+        """``validate`` without ``--ckpt_path`` scores the ``init_weights`` network, not a
+        random one (a fit or a checkpoint has already set the weights: then nothing is done)."""
+        self._initialise_weights()
+
+    def on_test_start(self) -> None:
+        self._initialise_weights()
+
+    def on_predict_start(self) -> None:
+        self._initialise_weights()
+
+    def _initialise_weights(self, fitting: bool = False) -> None:
+        """Load ``init_weights`` once, unless the weights already came from a checkpoint."""
         if bool(self.weights_initialised):
             return
         path = self.hparams.init_weights
         if path:
             origin = load_initial_weights(self.net, path)
             rank_zero_info(f"Initial weights of the network: {path} ({origin})")
-        elif getattr(self.trainer.datamodule, "few_shot", None):
+        elif fitting and getattr(self.trainer.datamodule, "few_shot", None):
             rank_zero_warn(
                 f"training on {self.trainer.datamodule.few_shot} labelled target images from a "
                 "random initialisation: no model.init_args.init_weights was given. To fine-tune, "
@@ -134,7 +149,8 @@ class SourceModule(EvaluatingModule):
 def load_initial_weights(net: nn.Module, path: str) -> str:
     """Load ``net``'s weights from ``path`` (SourceModule or GAM checkpoint, or state dict) for
     ``init_weights``; returns where the file came from. The loading is GAM's
-    ``load_network_weights``; its messages are renamed to the ``init_weights`` setting."""
+    ``load_network_weights``; a missing file gets advice of its own (no stage-1 config
+    publishes fine-tuning weights)."""
     from dam_lightning.modules.gam import load_network_weights  # gam.py imports this file
 
     if not os.path.isfile(path):
@@ -143,11 +159,7 @@ def load_initial_weights(net: nn.Module, path: str) -> str:
             "runs/<experiment>/<date>_<time>/checkpoints/last.ckpt or "
             "runs/<name>_source/source.ckpt"
         )
-    try:
-        return load_network_weights(net, path)
-    except (OSError, ValueError) as err:
-        message = str(err).removeprefix("source_weights: ")
-        raise type(err)(f"init_weights: {message}") from err
+    return load_network_weights(net, path, setting="init_weights")
 
 
 def train_source_network(
