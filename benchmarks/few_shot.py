@@ -52,14 +52,20 @@ REPO = Path(__file__).resolve().parent.parent
 OVERLAY = REPO / "configs" / "few_shot.yaml"
 DIRECTION = "MNIST->USPS"
 INITS = ("source only", "GAM")
+RECIPES = {  # name: data.few_shot_with_source
+    "with the source set": True,  # configs/few_shot.yaml's
+    "target images only": False,
+}
 
 
 def overlay_recipe() -> dict:
-    """configs/few_shot.yaml's schedule: fine-tuning batches and learning rate."""
+    """configs/few_shot.yaml's schedule: fine-tuning batches, learning rate, and whether the
+    source set is trained on beside the N target images."""
     config = yaml.safe_load(OVERLAY.read_text())
     return {
         "max_steps": config["trainer"]["max_steps"],
         "lr": config["model"]["init_args"]["optimizer"]["init_args"]["lr"],
+        "with_source": config["data"]["few_shot_with_source"],
     }
 
 
@@ -74,9 +80,9 @@ def digits_start(args, seed: int, init: str) -> Path:
     return path
 
 
-def digits_run(args, seed: int, init: str, shots: int) -> float:
+def digits_run(args, seed: int, init: str, shots: int, with_source: bool) -> float:
     """Accuracy (%) on the validation half after fine-tuning on ``shots`` images of the other
-    half (``shots`` = 0: the starting network)."""
+    half, beside the source set if ``with_source`` (``shots`` = 0: the starting network)."""
     torch.set_num_threads(1)
     source, target = R.load_domains(DIRECTION, args.root, R.detect_protocol(args.root))
     validation, rest = A.validation_halves(target)
@@ -94,23 +100,29 @@ def digits_run(args, seed: int, init: str, shots: int) -> float:
         L.seed_everything(seed, verbose=False)
         data = DomainAdaptationDataModule(
             source, rest, target_val=validation, batch_size=128, seed=seed, few_shot=shots,
-            few_shot_seed=seed,
+            few_shot_seed=seed, few_shot_with_source=with_source,
         )  # fmt: skip
         R._trainer(recipe["max_steps"]).fit(module, data)
     return R.evaluate(module, module.net, validation)
 
 
+def digits_key(seed: int, init: str, recipe: str, shots: int) -> str:
+    """The cache key of one digits run (N = 0, no fine-tuning, has no recipe)."""
+    return f"{DIRECTION}/{seed}/{init}/{shots}" + (f"/{recipe}" if shots else "")
+
+
 def run_digits(args, cache: dict, cache_path: Path) -> None:
     for seed in args.seeds:
-        for init in INITS:
-            for shots in args.shots:
-                key = f"{DIRECTION}/{seed}/{init}/{shots}"
-                if key not in cache:
-                    began = time.perf_counter()
-                    accuracy = digits_run(args, seed, init, shots)
-                    cache[key] = {"value": accuracy, "seconds": time.perf_counter() - began}
-                    A.save_cache(cache_path, cache)
-                print(f"{key}: {cache[key]['value']:.2f}", flush=True)
+        for recipe, with_source in RECIPES.items():
+            for init in INITS:
+                for shots in args.shots:
+                    key = digits_key(seed, init, recipe, shots)
+                    if key not in cache:
+                        began = time.perf_counter()
+                        accuracy = digits_run(args, seed, init, shots, with_source)
+                        cache[key] = {"value": accuracy, "seconds": time.perf_counter() - began}
+                        A.save_cache(cache_path, cache)
+                    print(f"{key}: {cache[key]['value']:.2f}", flush=True)
 
 
 def seg_start(seed: int, init: str) -> tuple[str, dict]:
@@ -172,12 +184,13 @@ def run_seg_demo(args, cache: dict, cache_path: Path) -> None:
                 print(f"{key}: {100 * cache[key]['miou']:.2f}", flush=True)
 
 
-def table(shots: list[int], cell) -> list[str]:
-    """One row per starting network, one column per N; ``cell(init, n)`` gives the values."""
+def table(shots: list[int], rows: dict, cell) -> list[str]:
+    """One row per ``rows`` entry (label: key), one column per N; ``cell(key, n)`` gives the
+    values over the seeds."""
     lines = ["| start \\ N labelled target images | " + " | ".join(map(str, shots)) + " |"]
     lines.append("|---|" + "---|" * len(shots))
-    for init in INITS:
-        lines.append(f"| {init} | " + " | ".join(RL.mean_std(cell(init, n)) for n in shots) + " |")
+    for label, key in rows.items():
+        lines.append(f"| {label} | " + " | ".join(RL.mean_std(cell(key, n)) for n in shots) + " |")
     return lines
 
 
@@ -198,7 +211,7 @@ def write_report(args, cache: dict, command: str) -> str:
             "starting networks are F_s and F_t of recommend_layers' default-layer demo run "
             "of each seed (N = 0: that run's rows). mIoU (%), mean ± std over the seeds:",
             "",
-            *table(args.shots, lambda init, n: [
+            *table(args.shots, {init: init for init in INITS}, lambda init, n: [
                 100 * cache[f"seg_demo/{s}/{init}/{n}"]["miou"] for s in seeds
                 if f"seg_demo/{s}/{init}/{n}" in cache
             ]),
@@ -208,16 +221,21 @@ def write_report(args, cache: dict, command: str) -> str:
         lines += [
             f"# Few-shot fine-tuning on {DIRECTION} (the paper's Fig. 6)",
             "",
-            f"Reduced protocol. {recipe_text}, weight decay 2.5e-5, batch 128 (the N images "
-            "repeated); N labelled images drawn from the target images outside the fixed "
-            "validation half (subset seed = the seed), accuracy (%) on the validation half. "
-            f"Seeds {seeds}; starting networks: each seed's source network (LeNet, 2,000 "
-            "iterations) and its GAM network (default layers fc3 0.1 + fc4, weight drift, "
-            "2,000 iterations), from benchmarks/recommend_layers.py. Mean ± std over the seeds:",
+            f"Reduced protocol. {recipe_text}, weight decay 2.5e-5, batch 128; N labelled "
+            "images drawn from the target images outside the fixed validation half (subset "
+            "seed = the seed), accuracy (%) on the validation half. Two recipes: *with the "
+            "source set* (configs/few_shot.yaml's `few_shot_with_source: true`: the source "
+            "images and the N target images, repeated to as many items, about half of each "
+            "batch) and *target images only* (the N images repeated). Starting networks: each "
+            "seed's source network (LeNet, 2,000 iterations) and its GAM network (default "
+            "layers fc3 0.1 + fc4, weight drift, 2,000 iterations), from "
+            f"benchmarks/recommend_layers.py. Seeds {seeds}, mean ± std:",
             "",
-            *table(args.shots, lambda init, n: [
-                cache[f"{DIRECTION}/{s}/{init}/{n}"]["value"] for s in seeds
-                if f"{DIRECTION}/{s}/{init}/{n}" in cache
+            *table(args.shots, {
+                f"{init}, {recipe}": (init, recipe) for recipe in RECIPES for init in INITS
+            }, lambda key, n: [
+                cache[digits_key(s, *key, n)]["value"] for s in seeds
+                if digits_key(s, *key, n) in cache
             ]),
         ]  # fmt: skip
     text = "\n".join([*lines, ""])

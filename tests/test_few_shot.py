@@ -144,6 +144,20 @@ def test_data_module_serves_only_the_few_shot_target_images_with_their_labels(di
     assert dm.val_dataloader()[0].dataset is target  # validation unchanged
 
 
+def test_with_source_the_few_shot_images_fill_half_of_the_training_set(digits):
+    source, target = digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=20, few_shot=5, few_shot_seed=2,
+                                    few_shot_with_source=True)  # fmt: skip
+    chosen = {_key(target[i][0]) for i in FewShot(target, 5, seed=2).indices}
+    source_images = {_key(x) for x, _ in source}
+    served = Counter()
+    for x, _ in dm.source_dataloader():
+        served.update(_key(image) for image in x)
+    assert sum(served.values()) == 2 * len(source)  # the source set and 120 few-shot items
+    assert sum(served[k] for k in chosen) == len(source)  # half of the items: the five
+    assert set(served) == chosen | source_images  # every source image, and nothing else
+
+
 def test_data_module_names_the_key_of_a_bad_few_shot_count(digits):
     with pytest.raises(ValueError, match=r"^data.few_shot: num_images=100 but .* 60 images"):
         DomainAdaptationDataModule(*digits, few_shot=100)
@@ -270,6 +284,7 @@ def test_few_shot_overlay_parses_on_every_source_config(name, capsys):
     assert config["trainer"]["max_steps"] == 500
     assert config["trainer"]["logger"]["init_args"]["name"] == "few_shot"
     assert (config["data"]["few_shot"], config["data"]["few_shot_seed"]) == (10, 0)
+    assert config["data"]["few_shot_with_source"] is True
     model = config["model"]["init_args"]
     assert model["optimizer"]["init_args"]["lr"] == pytest.approx(1e-4)
     assert model["scheduler"] is None and model["init_weights"] is None

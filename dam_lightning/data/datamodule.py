@@ -11,7 +11,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 DOMAINS = ("source", "target")
 
@@ -133,6 +133,11 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             labelled images are among the scored ones.
         few_shot_seed: chooses the ``few_shot`` images (nested: the images of a smaller N are
             among those of a larger one for the same seed).
+        few_shot_with_source: with ``few_shot``, train on the source set *and* the N target
+            images, these repeated to as many items as the source set (so about half of each
+            batch): the source labels keep every class in view. Fine-tuning on a handful of
+            target images alone forgets the classes they lack (measured on MNIST -> USPS:
+            docs/results/few_shot.md).
 
     The training loaders served depend on the LightningModule: ``SourceModule`` declares
     ``train_domains = ("source",)``, ``GAMAdaptModule`` both domains. ``labelled_train`` is
@@ -160,11 +165,13 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         seed: int = 0,
         few_shot: int | None = None,
         few_shot_seed: int = 0,
+        few_shot_with_source: bool = False,
     ):
         super().__init__()
         _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers)
         self.source, self.target = source, target
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
+        self.few_shot_with_source = few_shot_with_source
         self.target_val = target_val if target_val is not None else target
         self.source_val = source_val
         self.target_test = target_test if target_test is not None else self.target_val
@@ -179,7 +186,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
 
     def _labelled_training_set(self) -> Dataset:
         """What the "source" training loader serves: the source set, or with ``few_shot`` that
-        many labelled target images."""
+        many labelled target images (with ``few_shot_with_source``: beside the source set)."""
         if self.few_shot is None:
             return self.source
         from dam_lightning.data.few_shot import FewShot  # it imports this file
@@ -192,10 +199,12 @@ class DomainAdaptationDataModule(L.LightningDataModule):
                 "the source set's, under whose names the metrics are reported: target "
                 f"{list(target_names)}, source {list(source_names)}"
             )
+        length = len(self.source) if self.few_shot_with_source else None
         try:
-            return FewShot(self.target, self.few_shot, self.few_shot_seed)
+            few = FewShot(self.target, self.few_shot, self.few_shot_seed, length=length)
         except (TypeError, ValueError) as err:
             raise type(err)(f"data.few_shot: {err}") from None
+        return ConcatDataset([self.source, few]) if self.few_shot_with_source else few
 
     def setup(self, stage: str) -> None:
         """Refuse ``few_shot`` for a module that trains on both domains (GAM), before any of
