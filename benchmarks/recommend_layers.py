@@ -176,6 +176,9 @@ def direction_lines(args, direction: str, cache: dict) -> list[str]:
         runs = {row: cache.get(key(job, row)) for row in ROWS}
         diagnosis = cache.get(key(job, "diagnosis"))
         if diagnosis is None or any(r is None for r in runs.values()):
+            missing = [row for row, r in runs.items() if r is None]
+            verdicts.append(f"- seed {job['seed']}: not run to the end ({', '.join(missing)} "
+                            "missing): left out of the table.")  # fmt: skip
             continue
         columns["source only"].append(runs["GAM, default layers"]["source_only"])
         for row, result in runs.items():
@@ -193,7 +196,14 @@ def direction_lines(args, direction: str, cache: dict) -> list[str]:
             + " | ".join(f"**{mean_std(values)}**" for values in columns.values())
             + " | |"
         )
-    return [*lines, "", *verdicts, ""]
+    seconds = {
+        row: [cache[key(j, row)]["seconds"] for j in jobs if key(j, row) in cache] for row in ROWS
+    }
+    times = ", ".join(
+        f"{row} {statistics.mean(values) / 60:.0f} min" for row, values in seconds.items() if values
+    )
+    cost = [f"- Wall time per adaptation (mean; one thread on a shared, loaded CPU): {times}."]
+    return [*lines, "", *verdicts, *(cost if times else []), ""]
 
 
 def _verdict(seed: int, accuracy: dict[str, float]) -> str:
@@ -393,6 +403,11 @@ def parse_args(argv=None):
     parser.add_argument("--report", help="default docs/results/recommend_layers[_seg_demo].md")
     parser.add_argument("--cache", help="default benchmarks/.cache/<the report's name>.json")
     parser.add_argument("--workdir", default="benchmarks/.cache/weights")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="write the report from the cache without running anything (seeds without every "
+        "row are listed as not run)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -404,12 +419,14 @@ def main(argv=None) -> None:
     cache_path = Path(args.cache or f"benchmarks/.cache/{name}.json")
     cache = A.load_cache(cache_path)
     if args.seg_demo:
-        run_seg_demo(args, cache, cache_path)
+        if not args.report_only:
+            run_seg_demo(args, cache, cache_path)
         print(seg_report(args, cache, command_line("recommend_layers.py", given)))
         return
     protocol = R.detect_protocol(args.root)
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        run(pool, plan(args, protocol), cache, cache_path)
+    if not args.report_only:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            run(pool, plan(args, protocol), cache, cache_path)
     print(write_report(args, protocol, cache, command_line("recommend_layers.py", given)))
 
 
