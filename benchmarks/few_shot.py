@@ -206,8 +206,10 @@ def write_report(args, cache: dict, command: str) -> str:
         lines += [
             "# Few-shot fine-tuning on the segmentation demo (the paper's Fig. 6)",
             "",
-            f"{recipe_text}, batch 16; N labelled scenes of the target's adaptation scenes "
-            f"(subset seed = the seed), scored on the validation fifth. Seeds {seeds}; the "
+            f"{recipe_text}, batch 16, with the source set (`few_shot_with_source: true`: the "
+            "3,000 rendered source scenes beside the N target scenes, repeated to as many); N "
+            "labelled scenes of the target's adaptation scenes (subset seed = the seed), scored "
+            f"on the validation fifth. Seeds {seeds}; the "
             "starting networks are F_s and F_t of recommend_layers' default-layer demo run "
             "of each seed (N = 0: that run's rows). mIoU (%), mean ± std over the seeds:",
             "",
