@@ -261,7 +261,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)  # as every run (the CLI runs get OMP_NUM_THREADS=1): the report says so
+    torch.set_num_threads(1)  # as every run (CLI runs get OMP_NUM_THREADS=1); the report says so
     given = sys.argv[1:] if argv is None else argv
     name = "few_shot_seg_demo" if args.seg_demo else "few_shot"
     args.report = args.report or f"docs/results/{name}.md"
