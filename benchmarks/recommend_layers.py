@@ -246,8 +246,14 @@ def write_report(args, protocol: str, cache: dict, command: str) -> str:
         *provenance(
             command,
             f"; each run on one thread, {args.workers} in parallel. Compute: {minutes:.0f} min "
-            "(diagnoses and adaptations, summed).",
-        ),
+            "(diagnoses and adaptations, summed)."
+            + (
+                " Written from the cached runs (`--report-only`); the same command without it "
+                "makes the runs (every missing one)."
+                if args.report_only
+                else ""
+            ),
+        ),  # fmt: skip
         "",
         f"Protocol: {protocol} (source = one test split, target = the other). Per seed one "
         f"source network (LeNet, {SOURCE_ITERATIONS} iterations), diagnosed with "
@@ -416,6 +422,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(1)  # as every run (CLI runs get OMP_NUM_THREADS=1); the report says so
     given = sys.argv[1:] if argv is None else argv
     name = "recommend_layers_seg_demo" if args.seg_demo else "recommend_layers"
     args.report = args.report or f"docs/results/{name}.md"
