@@ -41,7 +41,7 @@ import gaussian_ablation as A  # noqa: E402
 import recommend_layers as RL  # noqa: E402
 import reproduce_digits as R  # noqa: E402
 import seg_demo as S  # noqa: E402
-from machine import command_line, provenance  # noqa: E402
+from machine import command_line, provenance, report_and_cache  # noqa: E402
 
 from dam_lightning.data import DomainAdaptationDataModule  # noqa: E402
 from dam_lightning.models import LeNet  # noqa: E402
@@ -263,9 +263,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as every run (CLI runs get OMP_NUM_THREADS=1); the report says so
     given = sys.argv[1:] if argv is None else argv
-    name = "few_shot_seg_demo" if args.seg_demo else "few_shot"
-    args.report = args.report or f"docs/results/{name}.md"
-    cache_path = Path(args.cache or f"benchmarks/.cache/{name}.json")
+    cache_path = report_and_cache(args, "few_shot_seg_demo" if args.seg_demo else "few_shot")
     cache = A.load_cache(cache_path)
     (run_seg_demo if args.seg_demo else run_digits)(args, cache, cache_path)
     print(write_report(args, cache, command_line("few_shot.py", given)))

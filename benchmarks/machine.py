@@ -42,3 +42,11 @@ def provenance(command: str, details: str = "") -> list[str]:
     """The Markdown lines a report opens with: the command that produced it, then the machine
     (``details`` continues the machine's sentence, e.g. how the runs shared it)."""
     return ["Produced by:", "", f"    {command}", "", f"Machine: {describe()}{details}"]
+
+
+def report_and_cache(args, name: str) -> Path:
+    """Fill in ``args.report`` (default ``docs/results/<name>.md``) and return the cache file
+    (``args.cache``, default ``benchmarks/.cache/<name>.json``) of a benchmark whose report
+    and cache are named after its part."""
+    args.report = args.report or f"docs/results/{name}.md"
+    return Path(args.cache or f"benchmarks/.cache/{name}.json")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmark 
 import gaussian_ablation as A  # noqa: E402
 import reproduce_digits as R  # noqa: E402
 import seg_demo as S  # noqa: E402
-from machine import command_line, provenance  # noqa: E402
+from machine import command_line, provenance, report_and_cache  # noqa: E402
 
 from dam_lightning.data import DomainAdaptationDataModule  # noqa: E402
 from dam_lightning.diagnosis import diagnose_datamodule  # noqa: E402
@@ -424,9 +424,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as every run (CLI runs get OMP_NUM_THREADS=1); the report says so
     given = sys.argv[1:] if argv is None else argv
-    name = "recommend_layers_seg_demo" if args.seg_demo else "recommend_layers"
-    args.report = args.report or f"docs/results/{name}.md"
-    cache_path = Path(args.cache or f"benchmarks/.cache/{name}.json")
+    cache_path = report_and_cache(
+        args, "recommend_layers_seg_demo" if args.seg_demo else "recommend_layers"
+    )
     cache = A.load_cache(cache_path)
     if args.seg_demo:
         if not args.report_only:
