@@ -41,3 +41,14 @@ def tiny_digits():
     target_small = torch.utils.data.Subset(target, range(200))
     target_small.num_classes = target.num_classes
     return SynDigits(num_samples=300, seed=0), target_small
+
+
+@pytest.fixture
+def one_thread():
+    """Toy tensors gain nothing from threads, and on a busy machine OpenMP's spin-waiting
+    between two threads makes each tiny op ~100x slower: one torch thread for the test.
+    Modules of small-tensor tests use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

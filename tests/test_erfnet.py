@@ -14,14 +14,9 @@ from dam_lightning.models.torchvision import ARCHITECTURES
 
 
 @pytest.fixture(autouse=True)
-def seeded_on_one_thread():
-    """Seeded; one thread, as these small tensors gain nothing from two and OpenMP's
-    spin-waiting makes them many times slower when another process holds a core."""
+def seeded_on_one_thread(one_thread):
+    """Seeded, on one thread (conftest's ``one_thread``: small tensors)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_erfnet(encoder_only: bool = False, num_classes: int = 5, **kwargs) -> ERFNet:

@@ -22,14 +22,7 @@ from dam_lightning.matching.gaussian import (
 MODES = ["one_pass", "layerwise"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and on a busy machine OpenMP's spin-waiting
-    between two threads makes each tiny op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def conv_linear_net() -> nn.Sequential:

@@ -18,13 +18,7 @@ from tests.test_gaussian_matching import layer_activations, reference_statistics
 MODES = ["one_pass", "layerwise"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads (see test_gaussian_matching.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def trained_looking(net: nn.Module) -> nn.Module:
