@@ -29,8 +29,13 @@ import lightning as L
 import torch
 
 from dam_lightning.data import DomainAdaptationDataModule, SynDigits, UCIDigits
-from dam_lightning.matching import GANLoss, foldable_layers, gaussian_match, weight_drift
-from dam_lightning.matching.gaussian import measure_statistics
+from dam_lightning.matching import (
+    GANLoss,
+    foldable_layers,
+    gaussian_match,
+    measure_statistics,
+    weight_drift,
+)
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 

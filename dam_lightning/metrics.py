@@ -1,5 +1,6 @@
 """Segmentation metrics on one confusion matrix: pixel accuracy, mean class accuracy, per-class
-IoU, mIoU over all classes and over named class subsets (method.md §5).
+IoU, mIoU over all classes and over named class subsets (method.md §5); and the per-class and
+worst-class accuracy of any confusion matrix (classification too), computed here only.
 
 Pure functions in the torchmetrics pipeline (validate -> format -> update -> reduce) under a thin
 ``Metric``. A class absent from both labels and predictions has IoU NaN and is left out of every
@@ -20,7 +21,13 @@ from torchmetrics.functional.classification.confusion_matrix import (
 
 from dam_lightning.data.labels import IGNORE_INDEX, class_indices
 
-__all__ = ["SegmentationMetrics", "segmentation_confusion_matrix", "segmentation_scores"]
+__all__ = [
+    "SegmentationMetrics",
+    "class_accuracy",
+    "segmentation_confusion_matrix",
+    "segmentation_scores",
+    "worst_class",
+]
 
 
 # ---- validate ------------------------------------------------------------------------------------
@@ -157,6 +164,37 @@ def _nan_min(values: Tensor) -> Tensor:
     return finite.min() if finite.numel() else values.new_tensor(float("nan"))
 
 
+def class_accuracy(confmat: Tensor) -> Tensor:
+    """Per-class accuracy TP / (TP + FN) of a confusion matrix (rows = label, columns =
+    prediction), as (C,) float64: the share of each class's labels predicted as that class.
+    A class without labels has accuracy NaN (0/0), not 0: it was never got wrong.
+
+    Example:
+        >>> class_accuracy(torch.tensor([[3, 1, 0], [0, 0, 2], [0, 0, 0]])).tolist()
+        [0.75, 0.0, nan]
+    """
+    counts = confmat.double()
+    return counts.diagonal() / counts.sum(dim=1)
+
+
+def worst_class(confmat: Tensor) -> tuple[int, float]:
+    """The class the network gets most wrong: (its index, its accuracy) for the smallest
+    ``class_accuracy`` over the classes with labels (the first on a tie); ``(-1, nan)`` when no
+    class has labels. Micro accuracy hides one whole class mapped onto another; this shows it.
+
+    Example:
+        >>> worst_class(torch.tensor([[2, 0, 0], [0, 1, 1], [0, 0, 0]]))  # class 2: no labels
+        (1, 0.5)
+        >>> worst_class(torch.zeros(2, 2, dtype=torch.long))
+        (-1, nan)
+    """
+    accuracy = class_accuracy(confmat)
+    if accuracy.isnan().all():
+        return -1, float("nan")
+    index = int(accuracy.nan_to_num(nan=float("inf")).argmin())
+    return index, accuracy[index].item()
+
+
 def _class_iou(confmat: Tensor) -> Tensor:
     """Per-class IoU = TP / (TP + FP + FN) in float64; 0/0 (a class neither labelled nor
     predicted anywhere) gives NaN."""
@@ -200,12 +238,10 @@ def segmentation_scores(
             "class names; pass one name per row"
         )
     counts = confmat.double()
-    tp, labelled = counts.diagonal(), counts.sum(dim=1)
-    present = labelled > 0
     iou = _class_iou(confmat)
     scores = {
-        "pixel_acc": tp.sum() / counts.sum(),
-        "class_acc": (tp[present] / labelled[present]).mean(),
+        "pixel_acc": counts.diagonal().sum() / counts.sum(),
+        "class_acc": class_accuracy(confmat).nanmean(),
         "miou": iou.nanmean(),
         "worst_class_iou": _nan_min(iou),
     }

@@ -10,12 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dam_lightning.matching.gaussian import (
+from dam_lightning.matching.gaussian import LayerMatch, foldable_layers, gaussian_match
+from dam_lightning.matching.statistics import (
     ChannelStats,
     ChannelStatsAccumulator,
-    LayerMatch,
-    foldable_layers,
-    gaussian_match,
     measure_statistics,
 )
 

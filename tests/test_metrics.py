@@ -22,8 +22,10 @@ from dam_lightning.data.labels import (
 )
 from dam_lightning.metrics import (
     SegmentationMetrics,
+    class_accuracy,
     segmentation_confusion_matrix,
     segmentation_scores,
+    worst_class,
 )
 
 # ---- a 4-class case, every number worked out by hand --------------------------------------------
@@ -39,6 +41,15 @@ CONFMAT = [
     [0, 0, 0, 0],
 ]
 IOU = {"road": 3 / (4 + 3 - 3), "car": 2 / (3 + 3 - 2), "bus": 0 / (0 + 1 - 0), "sky": math.nan}
+
+
+def test_class_accuracy_and_worst_class_of_the_hand_built_matrix():
+    accuracy = class_accuracy(torch.tensor(CONFMAT))
+    assert accuracy[:2].tolist() == [3 / 4, 2 / 3]
+    assert accuracy[2:].isnan().all()  # bus and sky have no labels: not "got wrong"
+    assert worst_class(torch.tensor(CONFMAT)) == (1, 2 / 3)  # car, not an unlabelled class
+    tie = torch.tensor([[1, 1, 0], [0, 2, 0], [0, 1, 1]])
+    assert worst_class(tie) == (0, 0.5)  # the first of the classes tied at 1/2
 
 
 def close(a: float, b: float, tol: float = 1e-6) -> bool:

@@ -3,7 +3,8 @@ discriminability (proxy A-distance) of F_s's activations on source vs target dat
 Gaussian matching, the paper's Fig. 3 histograms, and a recommendation of the layers to match.
 
 It only measures: the network it is given is never changed (Gaussian matching runs on a copy).
-The statistics are ``dam_lightning.matching.gaussian``'s; nothing here computes them a second way.
+The statistics are those of ``dam_lightning.matching.statistics``: nothing here computes them
+a second way.
 """
 
 from dam_lightning.diagnosis.discriminability import Discriminability, discriminability

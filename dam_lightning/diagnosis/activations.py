@@ -2,23 +2,24 @@
 batches: per-channel statistics (``ChannelStatsAccumulator``, the matching's own), channel-pooled
 features per image, and a bounded random sample of each channel's values for histograms.
 
-Forward hooks only: nothing here changes an activation or a weight.
+Forward hooks only (``dam_lightning.matching.hooks``, the matching's own): nothing here changes an
+activation or a weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from dam_lightning.diagnosis.discriminability import pool_channels
-from dam_lightning.matching.gaussian import (
+from dam_lightning.matching import hooks
+from dam_lightning.matching.hooks import DIAGNOSED, eval_mode, forward_hooks
+from dam_lightning.matching.statistics import (
     ChannelStats,
     ChannelStatsAccumulator,
-    eval_mode,
     mean_gap,
     std_gap,
 )
@@ -111,33 +112,19 @@ class ValueSampler:
 def execution_order(
     net: nn.Module, layers: Sequence[str], example: Tensor
 ) -> tuple[list[str], str]:
-    """The order in which ``layers`` run in ``net(example)``, and the name of the one whose
-    output is the network's own output (``""`` when none is). Raises for a layer that does not
-    run, runs twice (shared weights: its statistics would mix two activations) or returns
-    something other than one tensor."""
-    order: list[str] = []
-    produced: dict[str, Tensor] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, args, output) -> None:
-            _check_output(name, module, output)
-            if name in produced:
-                raise _ran_twice(name)
-            order.append(name)
-            produced[name] = output
-
-        return hook
-
+    """The order in which ``layers`` run in ``net(example)`` (eval mode, no grad), and the name
+    of the one whose output is the network's own output (``""`` when none is). Raises for a
+    layer that does not run, runs twice (shared weights: its statistics would mix two
+    activations) or returns something other than one tensor."""
     modules = {name: resolve_layer(net, name) for name in layers}
-    with _hooked(modules, record), torch.no_grad(), eval_mode(net):
-        output = net(example)
-    missing = [name for name in layers if name not in produced]
+    with torch.no_grad(), eval_mode(net):
+        order, output_layer = hooks.execution_order(net, modules, example, DIAGNOSED)
+    missing = [name for name in layers if name not in order]
     if missing:
         raise ValueError(
             f"layers {missing} of {type(net).__name__} did not run in a forward pass; "
             "diagnose only layers the forward pass runs"
         )
-    output_layer = next((name for name in reversed(order) if produced[name] is output), "")
     return order, output_layer
 
 
@@ -179,9 +166,9 @@ def record_activations(
 
     def record(name: str):
         def hook(module: nn.Module, args, output) -> None:
-            _check_output(name, module, output)
+            DIAGNOSED.one_tensor(name, module, output)
             if name in ran:
-                raise _ran_twice(name)
+                raise DIAGNOSED.ran_twice(name)
             ran.add(name)
             if name in accumulators:
                 accumulators[name].update(output)
@@ -197,7 +184,7 @@ def record_activations(
     if fit_layers and len(fit_masks) != len(batches):
         raise ValueError(f"{len(fit_masks)} fit masks for {len(batches)} batches")
     device = device_of(net)
-    with _hooked(modules, record), torch.no_grad(), eval_mode(net):
+    with forward_hooks(modules, record), torch.no_grad(), eval_mode(net):
         for index, x in enumerate(batches):
             ran.clear()
             fit_mask = fit_masks[index] if fit_layers else None
@@ -216,33 +203,8 @@ def record_activations(
     }
 
 
-@contextmanager
-def _hooked(modules: dict[str, nn.Module], make_hook):
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def device_of(net: nn.Module) -> torch.device:
     """The device of ``net``'s first parameter (the CPU for a network without any)."""
     parameter = next(net.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
-
-def _check_output(name: str, module: nn.Module, output) -> None:
-    if not isinstance(output, Tensor) or output.dim() < 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise TypeError(
-            f"layer {name!r} ({type(module).__name__}) returned {shape}; a diagnosed layer must "
-            "return one tensor with its channels in dim 1, (N, C) or (N, C, ...)"
-        )
-
-
-def _ran_twice(name: str) -> ValueError:
-    return ValueError(
-        f"layer {name!r} ran twice in one forward pass (shared weights?): its statistics would "
-        "mix two activations; diagnose layers that run once"
-    )

@@ -21,15 +21,14 @@ from dam_lightning.diagnosis.activations import (
     channel_gaps,
     device_of,
     execution_order,
-    mean_gap,
     record_activations,
-    std_gap,
     within_process,
 )
 from dam_lightning.diagnosis.discriminability import discriminability, holdout_split
 from dam_lightning.diagnosis.recommend import recommend_layers
 from dam_lightning.diagnosis.result import ChannelHistogram, Diagnosis, LayerDiagnosis
 from dam_lightning.matching.gaussian import foldable_layers, gaussian_match
+from dam_lightning.matching.statistics import mean_gap, std_gap
 from dam_lightning.matching.taps import OUTPUT, resolve_layer
 
 
@@ -56,7 +55,7 @@ def diagnose(
     ``target_batches`` are from those on ``source_batches``, before and after Gaussian matching.
 
     Per layer: the Gaussian gap (mean gap in pooled-std units, std log-ratio: the statistics of
-    ``dam_lightning.matching.gaussian``) over all calibration images, and a discriminability
+    ``dam_lightning.matching.statistics``) over all calibration images, and a discriminability
     score (``discriminability``: logistic regression on channel-pooled activations, trained on
     part of each domain's images and scored on the ``holdout`` fraction: balanced accuracy and
     proxy A-distance). "After": the same between F_s on source and F_t on target, F_t being a

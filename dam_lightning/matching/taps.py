@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from dam_lightning.matching.hooks import TAPPED, forward_hooks
+
 OUTPUT = "output"
 """The tap name of the network's own output (its logits), whatever its last layer is called, so
 one config (e.g. the ADDA ablation, ``layers: {output: 1.0}``) fits LeNet and ERFNet alike."""
@@ -61,24 +63,15 @@ class ActivationTaps:
 
     def _hook(self, name: str):
         def capture(module: nn.Module, args, output) -> None:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
-                    "a tapped layer must return one tensor"
-                )
-            self._captured[name] = output
+            self._captured[name] = TAPPED.one_tensor(name, module, output)
 
         return capture
 
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network on ``x`` and return the tapped activations."""
         self._captured = {}
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules.items()]
-        try:
+        with forward_hooks(self._modules, self._hook):
             self.net(x)
-        finally:
-            for h in handles:
-                h.remove()
         missing = [n for n in self.layers if n not in self._captured]
         if missing:
             raise RuntimeError(f"layers {missing} were not called during the forward pass")
