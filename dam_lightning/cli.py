@@ -49,10 +49,10 @@ from dam_lightning.runs import (
     launch_rank,
     run_directory,
     timestamp,
-    unreadable_checkpoint,
     unused_path,
 )
 from dam_lightning.trainer import DamTrainer
+from dam_lightning.weights import read_weights_file
 
 DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
@@ -219,23 +219,31 @@ class DamCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI unpickles --ckpt_path right after parsing, to re-apply its
-        # hyper-parameters: a missing or damaged file must be named here, before anything starts.
+        # LightningCLI reads --ckpt_path right after parsing, to re-apply its hyper-parameters:
+        # a missing, damaged or unsafe file must be named here, before anything starts. The file
+        # is read as weights only (``read_weights_file``); Lightning then reads it again the same
+        # way (``_prepare_subcommand_kwargs`` passes ``weights_only=True``).
         subcommand = self.config.get("subcommand")
         if subcommand == "diagnose":
-            return  # its --ckpt_path names a source network, not this config's module
+            return  # its --ckpt_path names a source network, read by DamTrainer.diagnose
+        if subcommand and self.config[subcommand].get("weights_only") is False:
+            raise ValueError(
+                "--weights_only false would let Lightning run code stored in the checkpoint: "
+                "dam_lightning reads checkpoints as weights only. Leave --weights_only out"
+            )
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--ckpt_path: {path} does not exist")
-            try:
-                super()._parse_ckpt_path()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except Exception as err:  # the unpickler and the zip reader raise many kinds
-                raise ValueError(f"--ckpt_path: {unreadable_checkpoint(path, err)}") from err
-        else:
-            super()._parse_ckpt_path()
+            read_weights_file(str(path), "--ckpt_path")
+        super()._parse_ckpt_path()
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        """Lightning's keyword arguments of the command, with ``weights_only=True``: Lightning
+        reads ``--ckpt_path`` as weights only whatever the environment says
+        (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` would otherwise switch its default off)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            kwargs["weights_only"] = True
+        return kwargs
 
     # ---- the run folder -------------------------------------------------------------------------
 

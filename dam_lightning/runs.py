@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dam_lightning.weights import checkpoint_origin, read_weights_file  # noqa: F401 (re-export)
+
 RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
 """Set by rank 0 before Lightning starts the other processes of a run on this machine, which
 inherit it and so know the folder without creating one of their own."""
@@ -159,43 +161,9 @@ class RunFolder(L.Callback):
 
 
 def load_checkpoint(path: str, what: str) -> dict:
-    """``torch.load`` of a checkpoint or state dict on the CPU, with errors that name the file
-    and the setting it came from (``what``, e.g. ``"model.init_args.source_weights"``) instead
-    of the unpickler's (``pop from empty list``, ``could not find MARK``). Only load files you
-    trust: checkpoints are pickles.
-
-    Example:
-        >>> load_checkpoint("no/such.ckpt", "source_weights")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: source_weights: no/such.ckpt does not exist
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # the unpickler and the zip reader raise many kinds
-        raise ValueError(f"{what}: {unreadable_checkpoint(path, err)}") from err
-    if not isinstance(blob, dict):
-        raise ValueError(f"{what}: {path} holds a {type(blob).__name__}, not a checkpoint")
-    return blob
-
-
-def unreadable_checkpoint(path: str, err: BaseException) -> str:
-    """The message for a checkpoint file that cannot be read."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    detail = (str(err).splitlines() or [""])[0].split(". ")[0]
-    detail = detail if len(detail) <= 90 else detail[:87] + "..."
-    return (
-        f"{path} ({size:,} bytes) is not a readable checkpoint: it is truncated or corrupt "
-        f"({type(err).__name__}: {detail}). Use another checkpoint, or train it again"
-    )
-
-
-def checkpoint_origin(blob: dict) -> str | None:
-    """The run folder a checkpoint was written by, if a ``RunFolder`` recorded it."""
-    state = blob.get("callbacks", {}).get("RunFolder") if isinstance(blob, dict) else None
-    return state.get("path") if isinstance(state, dict) else None
+    """``dam_lightning.weights.read_weights_file(path, what)``, for callers written before that
+    module existed; new code calls it directly."""
+    return read_weights_file(path, what)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

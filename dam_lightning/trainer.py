@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dam_lightning.diagnosis import Diagnosis, diagnose_datamodule
 from dam_lightning.runs import run_directory
+from dam_lightning.weights import load_network_weights
 
 
 class DamTrainer(L.Trainer):
@@ -45,12 +46,11 @@ class DamTrainer(L.Trainer):
             ckpt_path: the source network's checkpoint: a ``SourceModule`` checkpoint, a
                 ``GAMAdaptModule`` checkpoint (its F_s, say of a run that trained F_s itself
                 with ``source_steps``, as the segmentation demo does) or a state dict; default
-                the model's ``source_weights``.
+                the model's ``source_weights``. Read as weights only: a file that holds other
+                Python objects is refused, and nothing in it runs.
             calibration_batches: batches per domain.
             layers: layers to analyse (dotted names); default every Conv/Linear/BatchNorm.
         """
-        from dam_lightning.modules.gam import load_network_weights  # modules import this file
-
         net = getattr(model, "source_net", None) or getattr(model, "net", None)
         if net is None:
             raise TypeError(f"diagnose needs a SourceModule or GAMAdaptModule, not {model!r}")

@@ -84,7 +84,10 @@ def test_a_damaged_checkpoint_is_named_in_one_line(where, damage, tmp_path, caps
 
 def test_a_missing_checkpoint_is_named(tmp_path, capsys):
     line = _error(_demo(tmp_path, f"--ckpt_path={tmp_path / 'nope.ckpt'}", command="test"), capsys)
-    assert line == f"error: --ckpt_path: {tmp_path / 'nope.ckpt'} does not exist"
+    assert line == (
+        f"error: --ckpt_path: {tmp_path / 'nope.ckpt'} does not exist; pass the path of a "
+        "checkpoint (.ckpt) or state dict (.pt) file"
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from dam_lightning.cli import main
-from dam_lightning.runs import checkpoint_origin
+from dam_lightning.weights import checkpoint_origin, read_weights_file
 
 from .conftest import REPO
 
@@ -55,7 +54,7 @@ def test_stage_one_twice_then_stage_two_validate_and_predict(tmp_path, capsys, m
         assert (tmp_path / folder / "checkpoints" / "source.ckpt").is_file()  # in its own folder
         assert (tmp_path / folder / "config.yaml").is_file()
         stage_one.append(folder)
-        assert checkpoint_origin(torch.load(published, weights_only=False)) == folder
+        assert checkpoint_origin(read_weights_file(published, "source_weights")) == folder
     assert stage_one[0] != stage_one[1]
     assert published.stat().st_mode & 0o044  # readable like any other file
 

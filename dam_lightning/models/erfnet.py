@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dam_lightning.weights import load_network_weights
+
 BATCHNORM_EPS = 1e-3  # as in the original ERFNet
 ENCODER_DROPOUT = (0.03, 0.3)  # the original's dropout in the 64- and 128-channel blocks
 DILATIONS = (2, 4, 8, 16)  # of the 128-channel blocks, repeated twice
@@ -255,8 +257,9 @@ def _check_input(x: Tensor) -> None:
 
 
 def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
-    """Load ``net``'s weights from a local state dict or a SourceModule/GAM checkpoint (pickles:
-    only load files you trust). Raises naming the file when it is missing or does not fit.
+    """Load ``net``'s weights from a local state dict or a SourceModule/GAM checkpoint, read as
+    weights only (``dam_lightning.weights``: a file holding other Python objects is refused, not
+    run). Raises naming the file when it is missing or does not fit.
 
     Example:
         >>> import tempfile
@@ -265,12 +268,10 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
         ...     torch.save(net.state_dict(), f"{folder}/erfnet.pt")
         ...     load_weights(ERFNet(4, encoder_only=True, width=0.25), f"{folder}/erfnet.pt")
     """
-    from dam_lightning.modules.gam import load_network_weights  # Lightning: only when needed
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(
             f"{type(net).__name__} weights file {path} does not exist; pass the path of a "
             "state dict or of a SourceModule/GAM checkpoint, or weights=None"
         )
-    load_network_weights(net, path)
+    load_network_weights(net, path, setting=f"{type(net).__name__} weights")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import torch
+import torch  # noqa: F401 (the doctests use it)
 from torch import Tensor, nn
+
+from dam_lightning import weights
+from dam_lightning.weights import strip_prefix
 
 ARCHITECTURES = (
     "lraspp_mobilenet_v3_large",
@@ -99,7 +102,7 @@ def build_torchvision_model(arch: str, num_classes: int) -> nn.Module:
 def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a whole torchvision segmentation model from a local file (see
     ``TorchvisionSegmentation``'s ``weights``); raises naming the file if it does not fit."""
-    state = _strip_prefix(read_state_dict(path), "model.")
+    state = strip_prefix(read_state_dict(path, "TorchvisionSegmentation weights"), "model.")
     state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
     _load_strict(model, state, path, "was it saved from the same arch and num_classes?")
 
@@ -108,21 +111,22 @@ def load_backbone_weights(model: nn.Module, arch: str, path: str | os.PathLike) 
     """Load ``model.backbone`` from a classification model's state dict (MobileNetV3's
     ``features.*``, ResNet's layers; the classifier/fc is dropped) or from the backbone's own
     state dict; raises naming the file if it does not fit."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, "TorchvisionSegmentation backbone_weights")
     if "mobilenet" in arch:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state = _strip_prefix(state, "features.")
+        state = strip_prefix(state, "features.")
     else:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    state = _strip_prefix(state, "backbone.")
+    state = strip_prefix(state, "backbone.")
     backbone = arch.split("_", 1)[1]
     _load_strict(model.backbone, state, path, f"is it a {backbone} state dict?")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike, setting: str = "weights") -> dict[str, Tensor]:
     """The state dict in a local file: a plain one, or a Lightning checkpoint's ``state_dict``
-    with its ``net.`` (SourceModule) or ``target_net.`` (GAM) prefix removed. Checkpoints are
-    pickles: only load files you trust.
+    with its ``net.`` (SourceModule) or ``target_net.`` (GAM) prefix removed. The file is read
+    as weights only (``dam_lightning.weights``): one holding other Python objects is refused,
+    and nothing in it runs.
 
     Example:
         >>> import tempfile
@@ -132,26 +136,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         ['w']
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(
-            f"weights file {path} does not exist; pass the path of a local state dict or "
+            f"{setting} file {path} does not exist; pass the path of a local state dict or "
             "checkpoint (torchvision downloads are never made here), or None"
         )
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(blob).__name__}, not a checkpoint or state dict")
-    for prefix in ("net.", "target_net."):
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
-
-
-def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """``state`` with ``prefix`` removed, if every key has it; else unchanged."""
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+    return weights.read_state_dict(path, setting)
 
 
 def _load_strict(module: nn.Module, state: dict[str, Tensor], path, hint: str) -> None:
