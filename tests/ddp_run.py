@@ -41,7 +41,7 @@ def main(outdir: str) -> None:
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_find_unused_parameters_true",
-        max_epochs=2,
+        max_epochs=3,  # 5 source batches (stage 1), then 4 adaptation batches
         limit_train_batches=3,
         limit_val_batches=None,
         callbacks=[GaussianMatching(calibration_batches=2), SaveRankState(outdir)],

@@ -58,7 +58,7 @@ def main(outdir: str, mode: str) -> None:
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_find_unused_parameters_true",
-        max_epochs=2,
+        max_epochs=3,  # 3 source batches (stage 1), then 3 adaptation batches
         limit_train_batches=2,
         limit_val_batches=None,
         callbacks=[GaussianMatching(calibration_batches=1, mode=mode), SaveRankState(outdir)],

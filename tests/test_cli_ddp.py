@@ -42,7 +42,7 @@ def _two_processes(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "dam_lightning", "fit", "--config", str(REPO / "configs/demo.yaml"),
         "--config", str(overlay), "--trainer.devices=2", "--trainer.accelerator=cpu",
-        "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
+        "--trainer.max_epochs=3", "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
         "--model.init_args.source_steps=3", "--data.source.init_args.num_samples=256",
         # 48 target images per process: one batch, cycled three times per epoch
@@ -71,7 +71,7 @@ def test_two_cpu_processes_run_gam_to_the_end_and_a_resume_matches_the_uninterru
     out = straight.stdout
     assert "Strategy: ddp_find_unused_parameters_true (GAMAdaptModule on 2 processes)" in out
     assert "Source network trained for 3 batches on 2 processes" in out
-    assert re.search(r"Source network: 100%\|.*\| 3/3 .*loss=\d", out)  # Lightning's look
+    assert re.search(r"Epoch 0: 100%\|.*\| 3/3 .*train/source_loss=\d", out)  # Lightning's bar
     assert "after GAM" in out
     folder, tail = _run_folder(out)
     assert "wandb: Find logs at" in out
@@ -79,8 +79,9 @@ def test_two_cpu_processes_run_gam_to_the_end_and_a_resume_matches_the_uninterru
     assert any(line.startswith(f"  W&B upload:  wandb sync {folder}/wandb/") for line in tail)
     assert re.fullmatch(r"runs/demo/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(-\d+)?", folder)
     assert list((tmp_path / folder / "wandb").glob("offline-run-*"))  # W&B's id inside
-    assert "Gaussian matching at epoch 1" not in out  # on screen only once, at epoch 0
-    assert "Gaussian matching at epoch 1" in (tmp_path / folder / "log.txt").read_text()
+    assert "Gaussian matching at epoch 1" in out  # stage 1 is epoch 0
+    assert "Gaussian matching at epoch 2" not in out  # on screen only once
+    assert "Gaussian matching at epoch 2" in (tmp_path / folder / "log.txt").read_text()
     for noise in ("💡 Tip", "anonymous setting", "LeafSpec", "sync_dist=True", "git root"):
         assert noise not in out
     checkpoints = tmp_path / folder / "checkpoints"
@@ -90,7 +91,8 @@ def test_two_cpu_processes_run_gam_to_the_end_and_a_resume_matches_the_uninterru
     assert resumed_folder != folder
     expected = torch.load(checkpoints / "last.ckpt", weights_only=False)
     got = torch.load(tmp_path / resumed_folder / "checkpoints" / "last.ckpt", weights_only=False)
-    assert got["global_step"] == expected["global_step"] == 2 * 3 * 2
+    # resumed from inside stage 1: 3 source steps, then 2 epochs of 3 batches x (D + G)
+    assert got["global_step"] == expected["global_step"] == 3 + 2 * 3 * 2
     different = [
         name
         for name, value in expected["state_dict"].items()

@@ -135,7 +135,8 @@ def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(o
     )  # fmt: skip
     logger = WandbLogger(project="dam-lightning-test", save_dir=str(offline_wandb), offline=True)
     trainer = quiet_trainer(
-        max_epochs=2, logger=logger, log_every_n_steps=1, limit_val_batches=None,
+        # epoch 0: stage 1 (2 source batches), then 2 epochs of adaptation
+        max_epochs=3, logger=logger, log_every_n_steps=1, limit_val_batches=None,
         default_root_dir=offline_wandb, callbacks=[ValidationDashboard(num_images=2)],
     )  # fmt: skip
     try:
@@ -158,10 +159,11 @@ def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(o
         key.startswith(("train/acc_d", "train/loss_d")) for row in history for key in row
     )
 
-    # two validations, each with its metrics and its dashboard at the same trainer step
+    # three validations (F_s after stage 1, F_t after each adaptation epoch), each with its
+    # metrics and its dashboard at the same trainer step
     scores = [row for row in history if "val/target/miou" in row]
     boards = [row for row in history if "val/target/per_class" in row]
-    assert len(scores) == len(boards) == 2
+    assert len(scores) == len(boards) == 3
     for score, board in zip(scores, boards, strict=True):
         assert board["trainer/global_step"] == score["trainer/global_step"]
         table = json.loads((run / "files" / board["val/target/per_class"]["path"]).read_text())
@@ -176,8 +178,8 @@ def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(o
 
     # the masks: the first target val images, the same at each validation, at the input size
     masks = [board["val/target/masks"] for board in boards]
-    assert [m["count"] for m in masks] == [2, 2]
-    assert masks[0]["captions"] == masks[1]["captions"] == val.names
+    assert [m["count"] for m in masks] == [2, 2, 2]
+    assert masks[0]["captions"] == masks[1]["captions"] == masks[2]["captions"] == val.names
     for index, name in enumerate(val.names):
         truth_file = masks[1]["all_masks"][index]["ground_truth"]["path"]
         truth = np.asarray(Image.open(run / "files" / truth_file))

@@ -67,7 +67,10 @@ def _fit(module, dm, root, max_epochs, ckpt_path=None):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tiny_digits, tmp_path):
+@pytest.mark.parametrize("stop_after_epoch", [0, 1], ids=["in-stage-1", "after-hand-over"])
+def test_resume_continues_exactly(tiny_digits, tmp_path, stop_after_epoch):
+    """Stage 1 (5 source batches) spans epochs 0 and 1 (3 batches each); a run killed in
+    stage 1 or just after the hand-over resumes to the very weights of the uninterrupted run."""
     source, target = tiny_digits
 
     def new_module():
@@ -76,20 +79,21 @@ def test_resume_continues_exactly(tiny_digits, tmp_path):
 
     dm = DomainAdaptationDataModule(source, target, batch_size=32)
     straight = new_module()
-    _fit(straight, dm, tmp_path / "straight", max_epochs=3)
+    _fit(straight, dm, tmp_path / "straight", max_epochs=4)
 
     interrupted = new_module()
-    _fit(interrupted, dm, tmp_path / "interrupted", max_epochs=1)
+    _fit(interrupted, dm, tmp_path / "interrupted", max_epochs=stop_after_epoch + 1)
+    assert interrupted.adapting == (stop_after_epoch == 1)
     resumed = GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
     trainer = _fit(
         resumed,
         dm,
         tmp_path / "resumed",
-        max_epochs=3,
-        ckpt_path=tmp_path / "interrupted" / "epoch=0.ckpt",
+        max_epochs=4,
+        ckpt_path=tmp_path / "interrupted" / f"epoch={stop_after_epoch}.ckpt",
     )
 
-    assert trainer.global_step == 3 * 3 * 2
+    assert trainer.global_step == 5 + (4 * 3 - 5) * 2  # 5 source steps, then D + G per batch
     expected = straight.state_dict()
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, expected[name]), f"{name} differs after resuming"

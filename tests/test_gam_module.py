@@ -50,7 +50,7 @@ def test_discriminator_step_and_target_step_update_exactly_their_own_parameters(
     source, target = tiny_digits
     dm = DomainAdaptationDataModule(source, target, batch_size=32)
     module = StepSpy(LeNet, num_classes=10, layers={"fc3": 0.1, "fc4": 1.0}, source_steps=5)
-    _trainer(max_steps=6).fit(module, dm)  # 3 batches x (D step + G step)
+    _trainer(max_steps=11).fit(module, dm)  # 5 source batches, then 3 x (D step + G step)
 
     params = {n for n, _ in module.named_parameters()}
     discriminators = {n for n in params if n.startswith("discriminators.")}
@@ -66,8 +66,8 @@ def test_source_network_stays_bitwise_identical_and_in_eval_mode(tiny_digits):
     source, target = tiny_digits
     dm = DomainAdaptationDataModule(source, target, batch_size=32)
     module = GAMAdaptModule(LeNet, num_classes=10, source_steps=5)
-    trainer = _trainer(max_steps=2)
-    trainer.fit(module, dm)  # trains F_s (source_steps), adapts for 1 batch
+    trainer = _trainer(max_steps=7)
+    trainer.fit(module, dm)  # trains F_s (5 source batches), adapts for 1 batch
     trained_source = _snapshot(module.source_net)
     trainer = _trainer(max_steps=10, callbacks=[GaussianMatching(calibration_batches=2)])
     trainer.fit(module, dm)  # continues from the trained F_s: no retraining
@@ -99,9 +99,11 @@ def test_gaussian_only_configuration_trains_nothing_but_matches(tiny_digits):
     module = GAMAdaptModule(LeNet, num_classes=10, layers={}, drift_weight=0, source_steps=5)
     assert len(module.discriminators) == 0
     matching = GaussianMatching(calibration_batches=2)
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[matching])
+    trainer = _trainer(max_epochs=1, limit_train_batches=7, callbacks=[matching])
     trainer.fit(module, dm)
-    assert trainer.global_step == 0  # no optimiser step: the callback did all the work
+    # the 5 source steps of stage 1, then no optimiser step: the callback did all the work
+    assert trainer.global_step == 5
+    assert module.adapting
     assert _changed(_snapshot(module.source_net), module.target_net)
 
 
@@ -110,7 +112,7 @@ def test_nothing_to_adapt_is_a_clear_error(tiny_digits):
     dm = DomainAdaptationDataModule(source, target, batch_size=32)
     module = GAMAdaptModule(LeNet, num_classes=10, layers={}, drift_weight=0, source_steps=5)
     with pytest.raises(ValueError, match="nothing would adapt.*GaussianMatching"):
-        _trainer(max_steps=2).fit(module, dm)
+        _trainer(max_steps=7).fit(module, dm)  # raised at the first adaptation batch
 
 
 def test_missing_source_network_is_a_clear_error(tiny_digits, tmp_path):
@@ -132,7 +134,7 @@ def test_wrong_layer_name_is_a_clear_error():
 def test_source_weights_of_another_architecture_are_refused(tmp_path):
     path = tmp_path / "five_classes.pt"
     torch.save(LeNet(5).state_dict(), path)
-    from dam_lightning.modules.gam import load_network_weights
+    from dam_lightning.weights import load_network_weights
 
     with pytest.raises(ValueError, match="five_classes.pt does not fit LeNet"):
         load_network_weights(LeNet(10), str(path))
@@ -168,9 +170,10 @@ def test_matched_drift_anchor_moves_to_the_weights_of_each_gaussian_matching(tin
     )
     spy = AnchorSpy()
     matching = GaussianMatching(calibration_batches=2, every_n_epochs=1)
-    _trainer(max_epochs=2, limit_train_batches=2, callbacks=[matching, spy]).fit(module, dm)
-    # Each epoch starts with F_t freshly matched and the anchor equal to it, not to F_s.
-    assert spy.at_epoch_start == [(True, False), (True, False)]
+    _trainer(max_epochs=3, limit_train_batches=5, callbacks=[matching, spy]).fit(module, dm)
+    # Each adaptation epoch starts with F_t freshly matched and the anchor equal to it, not F_s
+    # (epoch 0 is stage 1, where the anchor is F_s and F_t its untrained copy).
+    assert spy.at_epoch_start[1:] == [(True, False), (True, False)]
     assert not _same(module.drift_reference.state_dict(), module.target_net.state_dict())
     assert any(k.startswith("drift_anchor_net.") for k in module.state_dict())  # checkpointed
     assert all(not p.requires_grad for p in module.drift_reference.parameters())
@@ -182,9 +185,9 @@ def test_source_drift_anchor_is_the_source_network(tiny_digits):
     module = GAMAdaptModule(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=5)
     spy = AnchorSpy()
     matching = GaussianMatching(calibration_batches=2, every_n_epochs=1)
-    _trainer(max_epochs=1, limit_train_batches=2, callbacks=[matching, spy]).fit(module, dm)
+    _trainer(max_epochs=2, limit_train_batches=5, callbacks=[matching, spy]).fit(module, dm)
     assert module.drift_reference is module.source_net
-    assert spy.at_epoch_start == [(False, True)]  # F_t was matched away from the anchor F_s
+    assert spy.at_epoch_start[1:] == [(False, True)]  # F_t was matched away from the anchor F_s
 
 
 def test_unknown_drift_anchor_is_a_clear_error():
@@ -208,5 +211,5 @@ def test_activation_gaps_are_measured_only_on_batches_whose_logs_are_written(tin
     source, target = tiny_digits
     dm = DomainAdaptationDataModule(source, target, batch_size=16)
     module = GapSpy(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=1)
-    _trainer(max_steps=12, log_every_n_steps=3).fit(module, dm)  # 6 batches
+    _trainer(max_steps=13, log_every_n_steps=3).fit(module, dm)  # 1 source, 6 GAM batches
     assert module.measured == 2

@@ -39,7 +39,7 @@ def test_a_few_gam_steps_on_erfnet_stay_finite_and_report_segmentation_metrics(p
     )
     summary = AdaptationSummary()
     trainer = quiet_trainer(
-        max_steps=6,
+        max_steps=9,  # 3 source steps, then 3 batches of D + G
         precision=precision,
         log_every_n_steps=1,  # the activation gaps are measured only when logs are written
         default_root_dir=tmp_path,

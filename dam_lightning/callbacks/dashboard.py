@@ -28,8 +28,8 @@ from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_ima
 from dam_lightning.data.datamodule import dataset_attribute
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import resize_mask
-from dam_lightning.matching.gaussian import eval_mode
-from dam_lightning.metrics import segmentation_scores
+from dam_lightning.matching import eval_mode
+from dam_lightning.metrics import class_accuracy, segmentation_scores
 
 __all__ = [
     "ValidationDashboard",
@@ -77,7 +77,7 @@ def per_class_table(
     """
     counts = confmat.double()
     labelled = counts.sum(dim=1)
-    accuracy = (counts.diagonal() / labelled).tolist()
+    accuracy = class_accuracy(confmat).tolist()
     share = (labelled / labelled.sum()).tolist()
     if task == "segmentation":
         scores = segmentation_scores(confmat, class_names)

@@ -1,8 +1,9 @@
 """Stage 2 of GAM as a callback: Gaussian i.i.d. matching of F_t at the start of adaptation epochs.
 
-The algorithm is ``dam_lightning.matching.gaussian``; this file only decides when it runs, which
-batches it sees, and what gets logged. It works with any module that has ``source_net`` and
-``target_net`` (``GAMAdaptModule``).
+The algorithm is ``dam_lightning.matching``; this file only decides when it runs, which batches
+it sees, and what gets logged. It works on a ``GAMAdaptModule`` through the seam that module
+declares: ``adapting`` (F_s is final), ``source_net`` and ``target_net`` (read and corrected),
+and ``on_gaussian_matched(report)`` (told after every correction).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from dam_lightning.matching.gaussian import (
+from dam_lightning.matching import (
     ChannelStats,
     GaussianMatchingReport,
     foldable_layers,
     gaussian_match,
     measure_statistics,
 )
+from dam_lightning.modules.gam import GAMAdaptModule
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +31,13 @@ log = logging.getLogger(__name__)
 class GaussianMatching(L.Callback):
     """Correct F_t's per-channel statistics on target data to equal F_s's on source data.
 
-    Runs before the first adaptation epoch and then every ``every_n_epochs`` epochs
-    (0 = only before the first). Statistics come from ``calibration_batches`` fixed batches per
-    domain per process and are summed across DDP processes, so every rank applies identical
-    corrections. The source statistics never change (F_s is frozen, the batches are fixed), so
-    they are measured once per fit.
+    Runs before the first adaptation batch (right after stage 1, or at the start of a fit that
+    loaded F_s) and then at the start of every ``every_n_epochs``-th epoch after that one
+    (0 = only once). Statistics come from ``calibration_batches`` fixed batches per domain per
+    process and are summed across DDP processes, so every rank applies identical corrections.
+    The source statistics never change (F_s is final, the batches are fixed), so they are
+    measured once per fit. When it has run is saved in checkpoints: a resumed run matches
+    exactly when the uninterrupted one would have.
 
     Logged (per matched layer): ``gaussian/mean_gap_before/<layer>``, ``.../mean_gap_after/..``,
     ``gaussian/std_gap_before/<layer>``, ``gaussian/std_gap_after/<layer>``.
@@ -69,28 +73,42 @@ class GaussianMatching(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.batchnorm = batchnorm
         self.mode = mode
-        self.last_report: GaussianMatchingReport | None = None
+        self.first_epoch: int | None = None  # the epoch of the first matching
+        self.last_epoch: int | None = None  # the epoch of the latest matching
         self._source_stats: dict[str, ChannelStats] | None = None
         self._cpu_batches: dict[str, list[torch.Tensor]] = {}
 
-    def _due(self, epoch: int) -> bool:
-        return epoch == 0 or (self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0)
+    def _due(self, epoch: int, batch_idx: int) -> bool:
+        if self.first_epoch is None:
+            return True
+        return (
+            batch_idx == 0
+            and self.every_n_epochs > 0
+            and epoch != self.last_epoch
+            and (epoch - self.first_epoch) % self.every_n_epochs == 0
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for attribute in ("source_net", "target_net"):
-            if not hasattr(pl_module, attribute):
-                raise TypeError(
-                    f"GaussianMatching needs a module with source_net and target_net "
-                    f"(GAMAdaptModule); {type(pl_module).__name__} has no {attribute}"
-                )
-        if not hasattr(trainer.datamodule, "calibration_loader"):
+        if not isinstance(pl_module, GAMAdaptModule):
+            raise TypeError(
+                "GaussianMatching corrects the target network of a GAMAdaptModule; "
+                f"{type(pl_module).__name__} has none: remove the callback from this config"
+            )
+        if not hasattr(trainer.datamodule, "calibration_batches"):
             raise TypeError("GaussianMatching needs a DomainAdaptationDataModule")
         self._source_stats = None
         self._cpu_batches = {}
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._due(trainer.current_epoch):
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if pl_module.adapting and self._due(trainer.current_epoch, batch_idx):
             self.match(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"first_epoch": self.first_epoch, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.first_epoch = state_dict.get("first_epoch")
+        self.last_epoch = state_dict.get("last_epoch")
 
     def match(self, trainer: L.Trainer, pl_module: L.LightningModule) -> GaussianMatchingReport:
         """Measure, correct and log once; returns the per-layer report."""
@@ -110,9 +128,7 @@ class GaussianMatching(L.Callback):
             mode=self.mode,
             source_stats=self._source_stats,
         )
-        notify = getattr(pl_module, "on_gaussian_matched", None)
-        if callable(notify):
-            notify()  # e.g. GAMAdaptModule moves its drift anchor to the matched weights
+        pl_module.on_gaussian_matched(report)  # e.g. the drift anchor moves to F_t's weights
         metrics = {f"gaussian/{k}": v for k, v in report.summary().items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -121,11 +137,12 @@ class GaussianMatching(L.Callback):
             f"mean gap {_average(report, 'mean_gap_before'):.4f} -> "
             f"{_average(report, 'mean_gap_after'):.4f}"
         )
-        if self.last_report is None:
+        if self.first_epoch is None:
             rank_zero_info(message)  # the first one on screen, the later ones in the log only
+            self.first_epoch = trainer.current_epoch
         elif rank_zero_only.rank == 0:
             log.info(message)
-        self.last_report = report
+        self.last_epoch = trainer.current_epoch
         return report
 
     def _layer_names(self, pl_module) -> list[str]:

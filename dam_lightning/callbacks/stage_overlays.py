@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch import Tensor
 
-from dam_lightning.callbacks.gaussian_matching import GaussianMatching
+from dam_lightning.callbacks.summary import milestones_due
 from dam_lightning.callbacks.predictions import default_palette, save_png_atomically
 from dam_lightning.data.labels import colour_table
-from dam_lightning.matching.gaussian import eval_mode
+from dam_lightning.matching import eval_mode
 from dam_lightning.runs import run_directory
 
 __all__ = ["StageOverlays", "colour_mask", "overlay"]
@@ -72,17 +72,9 @@ class StageOverlays(L.Callback):
         self.stages: dict[str, Tensor] = {}
         self._images: tuple[Tensor, Tensor] | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "source only" not in self.stages:
-            self._record(trainer, pl_module, "source only", pl_module.source_net)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        matched = any(
-            isinstance(cb, GaussianMatching) and cb.last_report is not None
-            for cb in trainer.callbacks
-        )
-        if matched and "after Gaussian matching" not in self.stages:
-            self._record(trainer, pl_module, "after Gaussian matching", pl_module.target_net)
+        for stage, net in milestones_due(pl_module, self.stages):
+            self._record(trainer, pl_module, stage, net)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer, pl_module, self.final_label, pl_module.target_net)

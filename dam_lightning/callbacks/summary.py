@@ -13,12 +13,17 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from dam_lightning.callbacks.gaussian_matching import GaussianMatching
+from lightning.pytorch.utilities import rank_zero_warn
+
 from dam_lightning.runs import atomic_write_text, run_directory
 
 
 class AdaptationSummary(L.Callback):
     """Evaluate on the target validation set at each milestone; print and save the table.
+
+    Reads the ``GAMAdaptModule``'s seam (``adapting``, ``source_net``, ``target_net``,
+    ``gaussian_report``, ``matched_at_step``); list it after ``GaussianMatching`` in
+    ``trainer.callbacks`` so that it sees the matching made before the same batch.
 
     Writes ``summary.md`` (the task's few summary columns: accuracy for digits; pixel
     accuracy, class accuracy, mIoU and worst-class IoU for segmentation) and ``summary.json``
@@ -42,22 +47,17 @@ class AdaptationSummary(L.Callback):
         target_val = trainer.datamodule.val_dataloader()[0]
         return pl_module.task.evaluate(net, target_val, pl_module.device, "target_val batch")
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "source only" not in self.rows:
-            self.rows["source only"] = self._evaluate(trainer, pl_module, pl_module.source_net)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        # The first batch comes after every epoch-start hook, so matching has happened.
-        matched = any(
-            isinstance(cb, GaussianMatching) and cb.last_report is not None
-            for cb in trainer.callbacks
-        )
-        if matched and "after Gaussian matching" not in self.rows:
-            row = self._evaluate(trainer, pl_module, pl_module.target_net)
-            self.rows["after Gaussian matching"] = row
+        for stage, net in milestones_due(pl_module, self.rows):
+            self.rows[stage] = self._evaluate(trainer, pl_module, net)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows[self.final_label] = self._evaluate(trainer, pl_module, pl_module.target_net)
+        if pl_module.adapting:
+            self.rows[self.final_label] = self._evaluate(trainer, pl_module, pl_module.target_net)
+        else:  # the budget ended inside stage 1 (GAMAdaptModule warns): F_s as it stands
+            self.rows["source only (stage 1 unfinished)"] = self._evaluate(
+                trainer, pl_module, pl_module.source_net
+            )
         metrics = {
             f"summary/{stage.replace(' ', '_')}/{name}": value
             for stage, row in self.rows.items()
@@ -84,6 +84,29 @@ class AdaptationSummary(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = dict(state_dict["rows"])
+
+
+def milestones_due(pl_module, done) -> list[tuple[str, object]]:
+    """The milestones reached at this batch and not yet in ``done``, with the network to judge:
+    "source only" (F_s, once it is final) and "after Gaussian matching" (F_t, before any
+    adaptation step after the first matching). Shared by the summary and the overlays."""
+    if not pl_module.adapting:
+        return []
+    due = [] if "source only" in done else [("source only", pl_module.source_net)]
+    if pl_module.gaussian_report is not None and "after Gaussian matching" not in done:
+        if pl_module.matched_at_step == pl_module.trainer.global_step:
+            due.append(("after Gaussian matching", pl_module.target_net))
+        elif "after Gaussian matching" not in _warned:
+            _warned.add("after Gaussian matching")
+            rank_zero_warn(
+                "the 'after Gaussian matching' milestone was not measured: F_t had already "
+                "taken adaptation steps. List GaussianMatching before AdaptationSummary and "
+                "StageOverlays in trainer.callbacks"
+            )
+    return due
+
+
+_warned: set[str] = set()
 
 
 def format_table(

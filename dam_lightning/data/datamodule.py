@@ -13,6 +13,9 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
+from dam_lightning.data.attributes import dataset_attribute
+from dam_lightning.data.few_shot import FewShot
+
 DOMAINS = ("source", "target")
 
 
@@ -51,16 +54,6 @@ def input_of(item, dataset=None) -> torch.Tensor:
         f"{dataset!r} returned a {type(item).__name__} item; a domain-adaptation dataset must "
         "return an image tensor or an (image, label) tuple or list"
     )
-
-
-def dataset_attribute(dataset, name: str, default=None):
-    """``dataset.name``, looking through ``Subset``-style wrappers (``.dataset``) when the
-    wrapper does not set it itself."""
-    while dataset is not None:
-        if hasattr(dataset, name):
-            return getattr(dataset, name)
-        dataset = getattr(dataset, "dataset", None)
-    return default
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -189,7 +182,6 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         many labelled target images (with ``few_shot_with_source``: beside the source set)."""
         if self.few_shot is None:
             return self.source
-        from dam_lightning.data.few_shot import FewShot  # it imports this file
 
         source_names = dataset_attribute(self.source, "classes")
         target_names = dataset_attribute(self.target, "classes")
@@ -262,11 +254,9 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         dataset: Dataset,
         batch_size: int,
         shuffle_seed: int | None,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> DataLoader:
-        if shuffle_seed is not None:
-            sampler = EpochShuffleSampler(len(dataset), shuffle_seed, rank, world_size)
+        if shuffle_seed is not None:  # under DDP, Lightning shards it (DistributedSamplerWrapper)
+            sampler = EpochShuffleSampler(len(dataset), shuffle_seed)
         elif dist.is_available() and dist.is_initialized():
             # Lightning's default evaluation sampler pads the last rank with repeated images,
             # which would count them twice; this one splits the set without repeats.
@@ -282,13 +272,10 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def source_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+    def source_dataloader(self) -> DataLoader:
         """Shuffled labelled batches of ``labelled_train`` (the source set, or the few-shot
-        target images), also used to train F_s inside a GAM run, where under DDP each ``rank``
-        of ``world_size`` processes takes its own share."""
-        return self._loader(
-            self.labelled_train, self.batch_sizes["source"], self.seed, rank, world_size
-        )
+        target images)."""
+        return self._loader(self.labelled_train, self.batch_sizes["source"], self.seed)
 
     def target_dataloader(self) -> DataLoader:
         """Shuffled unlabelled target batches (inputs only)."""

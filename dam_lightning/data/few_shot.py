@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from dam_lightning.data.datamodule import dataset_attribute
+from dam_lightning.data.attributes import dataset_attribute
 
 METADATA = ("num_classes", "task", "classes", "class_subsets", "palette", "label_ids", "labelled")
 """Attributes of the wrapped dataset that ``FewShot`` answers for it (what the data module, the

@@ -24,9 +24,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dam_lightning.matching.engine import layerwise, one_pass
 
-# These used to live here. modules/ and callbacks/ still import ChannelStats,
-# ChannelStatsAccumulator, mean_gap, std_gap, measure_statistics and eval_mode from this file:
-# re-exported for modules/ and callbacks/, to be removed (import them from dam_lightning.matching).
 from dam_lightning.matching.hooks import eval_mode
 from dam_lightning.matching.statistics import (
     ChannelStats,

@@ -4,41 +4,47 @@ A frozen source network F_s, a trainable target network F_t initialised from it,
 discriminator per matched layer. Each batch: a discriminator step, then a target-network step
 (manual optimisation). The algorithm's pieces live in ``dam_lightning.matching``; Gaussian
 matching (stage 2) runs from the ``GaussianMatching`` callback.
+
+With ``source_steps`` the same fit first trains F_s (stage 1) on Lightning's own loop: the
+first ``source_steps`` batches are supervised steps of F_s, then F_t becomes a copy of it and
+adaptation begins. One fit, one progress bar, one set of checkpoints: a run killed in any stage
+resumes where it was.
+
+The seam between the stages (what the callbacks use, nothing else):
+``source_net``, ``target_net``, ``adapting`` (F_s is final and F_t adapts),
+``on_gaussian_matched(report)`` (called by ``GaussianMatching`` after it corrected F_t) and
+``gaussian_report`` / ``matched_at_step`` (the latest matching, read by ``AdaptationSummary``
+and ``StageOverlays``).
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dam_lightning.callbacks.gaussian_matching import GaussianMatching
-from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
-from dam_lightning.matching.drift import DriftReduction, weight_drift
-from dam_lightning.matching.gaussian import (
+from dam_lightning.matching import (
     ChannelStats,
     ChannelStatsAccumulator,
+    GaussianMatchingReport,
     mean_gap,
     std_gap,
 )
+from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
+from dam_lightning.matching.drift import DriftReduction, weight_drift
 from dam_lightning.matching.taps import ActivationTaps, resolve_layer
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
-from dam_lightning.modules.source import paper_source_optimizer, train_source_network
+from dam_lightning.modules.source import paper_source_optimizer
 from dam_lightning.modules.task import TaskName
-from dam_lightning.runs import checkpoint_origin, load_checkpoint
+from dam_lightning.weights import load_network_weights
 
 
 def paper_adversarial_optimizer(params) -> torch.optim.Optimizer:
@@ -71,8 +77,11 @@ class GAMAdaptModule(EvaluatingModule):
             matching (theta_s until the first one), so the drift term does not pull F_t back
             out of the statistics Gaussian matching has just corrected.
         source_weights: a ``SourceModule`` checkpoint (``.ckpt``) or a state dict of ``net``.
-        source_steps: when ``source_weights`` is not given, train F_s for this many source
-            batches before adapting (so one command runs the whole pipeline).
+        source_steps: when ``source_weights`` is not given, the fit's first ``source_steps``
+            batches train F_s on the labelled source data (stage 1, one optimiser step per
+            batch), then adaptation begins (so one command runs the whole pipeline). The
+            trainer's budget (``max_epochs`` / ``max_steps``) covers both phases: with
+            ``max_steps``, stage 1 takes ``source_steps`` of it and every adaptation batch 2.
         source_optimizer: optimiser for that source training; default Adam(1e-3, wd 2.5e-5).
         discriminator_optimizer / target_optimizer: default Adam(2e-4, betas=(0.5, 0.999)).
         discriminator_scheduler / target_scheduler: optional, stepped once per batch.
@@ -91,6 +100,10 @@ class GAMAdaptModule(EvaluatingModule):
             CLI): ``"classification"`` or ``"segmentation"``, see ``EvaluatingModule``.
         class_weights: segmentation only: per-class weights of the cross-entropy of the source
             training that ``source_steps`` runs.
+
+    Attributes:
+        gaussian_report: the latest ``GaussianMatchingReport`` (None before the first).
+        matched_at_step: ``trainer.global_step`` at the latest Gaussian matching.
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -143,7 +156,9 @@ class GAMAdaptModule(EvaluatingModule):
         _check_settings(self.layers, adversarial_weight, drift_weight, source_steps)
         self.source_net = net(num_classes)
         self.target_net = net(num_classes)
-        self.source_net.requires_grad_(False).eval()
+        # F_s trains in stage 1 only when this fit builds it; its gradients must be known to
+        # DDP when it wraps the module (before any hook), so they are switched on here.
+        self.source_net.requires_grad_(self.trains_source_network).eval()
         self.target_net.load_state_dict(self.source_net.state_dict())
         for name in self.layers:  # a typo in a config gets its own message, naming the key
             try:
@@ -155,7 +170,9 @@ class GAMAdaptModule(EvaluatingModule):
         # The weights the drift term pulls F_t towards: F_s itself, or a frozen copy of F_t
         # taken after each Gaussian matching (saved in checkpoints, so a resume keeps it).
         self.drift_anchor_net = (
-            copy.deepcopy(self.source_net) if drift_anchor == "matched" else None
+            copy.deepcopy(self.source_net).requires_grad_(False)
+            if drift_anchor == "matched"
+            else None
         )
         self.gan = GANLoss(gan_loss)
         self.discriminators = nn.ModuleDict(
@@ -175,8 +192,12 @@ class GAMAdaptModule(EvaluatingModule):
             "discriminator": discriminator_scheduler,
             "target": target_scheduler,
         }
-        # Saved with the weights: a resumed run must not retrain or reload F_s.
+        # Saved with the weights: a resumed run continues stage 1 where it stopped, and never
+        # retrains or reloads a finished F_s.
         self.register_buffer("source_ready", torch.tensor(False))
+        self.register_buffer("source_batches_done", torch.tensor(0))
+        self.gaussian_report: GaussianMatchingReport | None = None
+        self.matched_at_step: int | None = None
 
     def _tap_shapes(self, example_input_shape) -> dict[str, torch.Size]:
         """Shapes of the matched layers' activations, from one dry forward of F_s."""
@@ -194,13 +215,14 @@ class GAMAdaptModule(EvaluatingModule):
 
     @property
     def eval_net(self) -> nn.Module:
-        return self.target_net
+        """F_t; F_s while stage 1 trains it (a validation then scores the source network)."""
+        return self.target_net if self.adapting else self.source_net
 
     def train(self, mode: bool = True):
-        """Switch train/eval mode; F_s stays in eval mode whatever the trainer asks, and so do
-        F_t's BatchNorm layers with ``freeze_target_batchnorm``."""
+        """Switch train/eval mode; once adapting, F_s stays in eval mode whatever the trainer
+        asks, and so do F_t's BatchNorm layers with ``freeze_target_batchnorm``."""
         super().train(mode)
-        self.source_net.eval()
+        self.source_net.train(mode and not self.adapting)
         if self.drift_anchor_net is not None:
             self.drift_anchor_net.eval()
         if self.hparams.freeze_target_batchnorm:
@@ -211,29 +233,85 @@ class GAMAdaptModule(EvaluatingModule):
 
     # ---- stage 1: make F_s available, then F_t = F_s --------------------------------------------
 
+    @property
+    def trains_source_network(self) -> bool:
+        """Whether this fit trains F_s itself (``source_steps`` without ``source_weights``)."""
+        return self.hparams.source_steps > 0 and not self.hparams.source_weights
+
+    @property
+    def adapting(self) -> bool:
+        """Whether F_s is final and F_t is being adapted (stages 2 and 3)."""
+        return bool(self.source_ready)
+
     def on_fit_start(self) -> None:
-        self._check_something_trains()
-        self.train()  # Lightning never calls train() itself: apply F_s's and F_t's BN modes
-        if bool(self.source_ready):
-            return  # resumed from a checkpoint that holds F_s and F_t
-        if self.hparams.source_weights:
+        if self.adapting:  # resumed from a checkpoint that holds the final F_s and F_t
+            self.source_net.requires_grad_(False)
+        elif self.hparams.source_weights:
             origin = load_network_weights(self.source_net, self.hparams.source_weights)
             rank_zero_info(f"Source network F_s: {self.hparams.source_weights} ({origin})")
+            self._begin_adaptation()
         elif self.hparams.source_steps > 0:
-            self._train_source_network()
+            done = int(self.source_batches_done)
+            rank_zero_info(
+                f"Stage 1: training the source network F_s for {self.hparams.source_steps} "
+                f"batches (source_steps){f', from batch {done}' if done else ''}, then adapting"
+            )
         else:
             raise ValueError(
                 "GAMAdaptModule needs a source network: pass source_weights=<SourceModule .ckpt or "
                 "state dict> or source_steps=N to train F_s on the source data first"
             )
-        _broadcast_from_rank_zero(self.source_net)
+        self.train()  # Lightning never calls train() itself: apply F_s's and F_t's modes
+
+    def on_train_end(self) -> None:
+        if not self.adapting:
+            rank_zero_warn(
+                f"the fit ended in stage 1, after {int(self.source_batches_done)} of "
+                f"{self.hparams.source_steps} source batches: F_t was never adapted. The "
+                "trainer's max_epochs/max_steps covers stage 1 and adaptation: raise it"
+            )
+
+    def _source_step(self, batch) -> None:
+        """One supervised step of F_s (stage 1); the last one hands over to adaptation."""
+        optimizer = self._optimizer("source")
+        x, y = batch
+        self.task.check_labels(y, "source training batch")
+        self.toggle_optimizer(optimizer)
+        loss = self.task.loss(self.source_net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+        self.log("train/source_loss", loss, prog_bar=True)
+        self.source_batches_done += 1
+        if int(self.source_batches_done) >= self.hparams.source_steps:
+            world = self.trainer.world_size
+            rank_zero_info(
+                f"Source network trained for {self.hparams.source_steps} batches"
+                f"{f' on {world} processes' if world > 1 else ''}: last loss "
+                f"{float(loss.detach()):.4f}. Adapting from here"
+            )
+            self._begin_adaptation()
+
+    def _begin_adaptation(self) -> None:
+        """Freeze F_s for good and start F_t (and the drift anchor) as a copy of it. Under DDP
+        every rank takes rank 0's F_s: the weights agree already (one file, or DDP's averaged
+        gradients), but BatchNorm running statistics of stage 1 are each rank's own."""
+        self.source_net.requires_grad_(False)
+        if self.trainer.world_size > 1:
+            state = self.trainer.strategy.broadcast(self.source_net.state_dict(), src=0)
+            self.source_net.load_state_dict(state)
         self.target_net.load_state_dict(self.source_net.state_dict())
         self._anchor_drift_at_target_net()
         self.source_ready.fill_(True)
+        self.train(self.training)
 
-    def on_gaussian_matched(self) -> None:
-        """Called by ``GaussianMatching`` after it has corrected F_t: with
-        ``drift_anchor="matched"`` the drift term's reference becomes F_t's new weights."""
+    def on_gaussian_matched(self, report: GaussianMatchingReport) -> None:
+        """Called by ``GaussianMatching`` after it has corrected F_t: records the report (for
+        the summary and the overlays) and, with ``drift_anchor="matched"``, makes F_t's new
+        weights the drift term's reference."""
+        self.gaussian_report = report
+        self.matched_at_step = self.trainer.global_step
         self._anchor_drift_at_target_net()
 
     def _anchor_drift_at_target_net(self) -> None:
@@ -245,80 +323,21 @@ class GAMAdaptModule(EvaluatingModule):
         """The network whose weights the drift term measures F_t's distance from."""
         return self.source_net if self.drift_anchor_net is None else self.drift_anchor_net
 
-    def _check_something_trains(self) -> None:
-        matching = any(isinstance(cb, GaussianMatching) for cb in self.trainer.callbacks)
-        if not self.layers and self.hparams.drift_weight == 0 and not matching:
-            raise ValueError(
-                "nothing would adapt: layers is empty, drift_weight is 0 and no GaussianMatching "
-                "callback is configured. Name layers to match (e.g. {'fc3': 0.1, 'fc4': 1.0}) "
-                "or add the GaussianMatching callback"
-            )
-
-    def _train_source_network(self) -> None:
-        """Train F_s for ``source_steps`` batches. Under DDP it is trained once, data-parallel:
-        each process takes its own share of the source data and the gradients are averaged
-        across processes at every step (like ``SourceModule`` under DDP), so every process
-        holds the same F_s; rank 0's copy is broadcast afterwards all the same."""
-        steps, world = self.hparams.source_steps, self.trainer.world_size
-        data = self.trainer.datamodule
-        loader = (
-            data.source_dataloader(rank=self.trainer.global_rank, world_size=world)
-            if world > 1
-            else data.source_dataloader()
-        )
-        self.source_net.requires_grad_(True)
-        optimizer = self.optimizer_factories["source"](self.source_net.parameters())
-        bar = self._source_progress_bar(steps)
-
-        def show(step: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-        try:
-            losses = train_source_network(
-                self.source_net,
-                loader,
-                steps,
-                self.task,
-                optimizer,
-                self.device,
-                on_step=show if bar is not None else None,
-                average_gradients=world > 1,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-        self.source_net.requires_grad_(False).eval()
-        shards = f" on {world} processes" if world > 1 else ""
-        rank_zero_info(f"Source network trained for {steps} batches{shards}: last loss "
-                       f"{losses[-1]:.4f}")  # fmt: skip
-
-    def _source_progress_bar(self, steps: int) -> Tqdm | None:
-        """A bar in the look of Lightning's, on rank 0 where the trainer shows one."""
-        progress = self.trainer.progress_bar_callback
-        if not (
-            self.trainer.is_global_zero
-            and isinstance(progress, TQDMProgressBar)
-            and progress.is_enabled
-        ):
-            rank_zero_info(f"Training the source network for {steps} batches (source_steps)")
-            return None
-        return Tqdm(
-            desc="Source network",
-            total=steps,
-            leave=True,
-            dynamic_ncols=True,
-            file=sys.stdout,
-            smoothing=0,
-            bar_format=TQDMProgressBar.BAR_FORMAT,
-        )
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written before ``source_batches_done`` existed holds a final F_s."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if "source_batches_done" not in state:
+            state["source_batches_done"] = torch.tensor(self.hparams.source_steps)
 
     # ---- stage 3: one discriminator step, one target step per batch ------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if not self.adapting:
+            self._source_step(batch["source"])
+            return
         if not self.discriminators and self.hparams.drift_weight == 0:
+            self._check_something_adapts()
             return  # "Gaussian matching only": the callback does all the work
         x_s, _ = batch["source"]  # source labels are not used in this stage
         x_t = batch["target"]
@@ -327,9 +346,19 @@ class GAMAdaptModule(EvaluatingModule):
         target_acts = self.target_taps(x_t)
         losses = {}
         if self.discriminators:
-            losses = self._discriminator_step(optimizers[0], source_acts, target_acts)
-        self._target_step(optimizers[-1], source_acts, target_acts, losses, batch_idx)
+            losses = self._discriminator_step(
+                self._optimizer("discriminator"), source_acts, target_acts
+            )
+        self._target_step(self._optimizer("target"), source_acts, target_acts, losses, batch_idx)
         self._step_schedulers()
+
+    def _check_something_adapts(self) -> None:
+        if self.gaussian_report is None:  # GaussianMatching matches before the first batch
+            raise ValueError(
+                "nothing would adapt: layers is empty, drift_weight is 0 and no GaussianMatching "
+                "callback is configured. Name layers to match (e.g. {'fc3': 0.1, 'fc4': 1.0}) "
+                "or add the GaussianMatching callback"
+            )
 
     def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> dict:
         """One step of the discriminators; returns their losses (for the finiteness check)."""
@@ -431,17 +460,31 @@ class GAMAdaptModule(EvaluatingModule):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
 
+    @property
+    def optimizer_roles(self) -> list[str]:
+        """The optimisers this module steps, in ``configure_optimizers`` order."""
+        return (
+            (["source"] if self.trains_source_network else [])
+            + (["discriminator"] if self.discriminators else [])
+            + ["target"]
+        )
+
+    def _optimizer(self, role: str):
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        return optimizers[self.optimizer_roles.index(role)]
+
     def configure_optimizers(self):
-        roles = (["discriminator"] if self.discriminators else []) + ["target"]
         params = {
+            "source": self.source_net.parameters(),
             "discriminator": self.discriminators.parameters(),
             "target": self.target_net.parameters(),
         }
         optimizers, schedulers = [], []
-        for role in roles:
+        for role in self.optimizer_roles:
             optimizer = self.optimizer_factories[role](params[role])
             optimizers.append(optimizer)
-            if self.scheduler_factories[role] is not None:
+            if self.scheduler_factories.get(role) is not None:
                 schedulers.append(self.scheduler_factories[role](optimizer))
         return optimizers, schedulers
 
@@ -480,52 +523,6 @@ def _key(layer: str) -> str:
     return layer.replace(".", "__")
 
 
-def load_network_weights(
-    net: nn.Module,
-    path: str,
-    prefixes: Sequence[str] = ("net.", "target_net."),
-    setting: str = "source_weights",
-) -> str:
-    """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict; returns
-    where the file came from (its run folder, if recorded, and when it was written).
-
-    A Lightning checkpoint's ``state_dict`` is searched for the ``prefixes`` in order: by
-    default ``net.`` (SourceModule) and then ``target_net.`` (a GAM checkpoint's adapted
-    network, to adapt further); ``diagnose`` asks for ``source_net.`` instead, a GAM run's F_s.
-    Errors name ``setting``, the option the file came from. Only load files you trust:
-    checkpoints are pickles.
-    """
-    if not os.path.isfile(path):
-        stage_one = os.path.basename(os.path.dirname(path))
-        config = stage_one if stage_one.endswith("_source") else "<experiment>_source"
-        raise FileNotFoundError(
-            f"{setting}: {path} does not exist; train it with `python -m dam_lightning fit "
-            f"--config configs/{config}.yaml` (which saves it there) or set source_steps"
-        )
-    blob = load_checkpoint(path, setting)
-    state = blob.get("state_dict", blob)
-    if not isinstance(state, dict):
-        raise ValueError(f"{setting}: {path} holds no state dict")
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        fits = f"{setting}: {path} does not fit {type(net).__name__}"
-        raise ValueError(f"{fits}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{setting}: {path} does not fit {type(net).__name__}: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was it "
-            "trained with the same net and num_classes?"
-        )
-    written = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M")
-    run = checkpoint_origin(blob)
-    return f"written {written}" + (f" by the run in {run}" if run else "")
-
-
 def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps) -> None:
     """Refuse weights that are negative, NaN or inf, and negative step counts, at construction."""
     for name, value in [("adversarial_weight", adversarial_weight), ("drift_weight", drift_weight),
@@ -542,11 +539,3 @@ def _last_checkpoint_text(trainer) -> str:
     if path and os.path.isfile(path):
         return f"The last checkpoint written before it is {path}."
     return "No checkpoint had been written yet."
-
-
-def _broadcast_from_rank_zero(net: nn.Module) -> None:
-    """Give every DDP process rank 0's weights, so all ranks adapt the very same F_s."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for tensor in net.state_dict().values():
-        dist.broadcast(tensor, src=0)

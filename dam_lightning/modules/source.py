@@ -1,25 +1,23 @@
 """Stage 1 of GAM: supervised training of the source network F_s on labelled source data.
 
-``SourceModule`` is the Lightning way (its checkpoint feeds ``GAMAdaptModule(source_weights=...)``;
-with ``init_weights`` it fine-tunes a trained network instead, e.g. on a few labelled target
-images); ``train_source_network`` is the same objective as a plain loop, which
-``GAMAdaptModule`` uses when it is asked to train F_s itself (the one-command demo).
+Its checkpoint feeds ``GAMAdaptModule(source_weights=...)``; with ``init_weights`` it
+fine-tunes a trained network instead, e.g. on a few labelled target images. (A GAM run that is
+asked to train F_s itself, the one-command demos, does so as the first phase of its own fit.)
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
-from dam_lightning.modules.task import Task, TaskName
+from dam_lightning.modules.task import TaskName
+from dam_lightning.weights import load_network_weights
 
 
 def paper_source_optimizer(params) -> torch.optim.Optimizer:
@@ -148,11 +146,8 @@ class SourceModule(EvaluatingModule):
 
 def load_initial_weights(net: nn.Module, path: str) -> str:
     """Load ``net``'s weights from ``path`` (SourceModule or GAM checkpoint, or state dict) for
-    ``init_weights``; returns where the file came from. The loading is GAM's
-    ``load_network_weights``; a missing file gets advice of its own (no stage-1 config
-    publishes fine-tuning weights)."""
-    from dam_lightning.modules.gam import load_network_weights  # gam.py imports this file
-
+    ``init_weights``; returns where the file came from. A missing file gets advice of its own
+    (no stage-1 config publishes fine-tuning weights)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"init_weights: {path} does not exist; pass the checkpoint of a finished run, e.g. "
@@ -160,65 +155,3 @@ def load_initial_weights(net: nn.Module, path: str) -> str:
             "runs/<name>_source/source.ckpt"
         )
     return load_network_weights(net, path, setting="init_weights")
-
-
-def train_source_network(
-    net: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    steps: int,
-    task: Task,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    on_step: Callable[[int, float], None] | None = None,
-    average_gradients: bool = False,
-) -> list[float]:
-    """Supervised training of ``net`` for ``steps`` batches, cycling through ``batches``.
-
-    The same objective as ``SourceModule.training_step``, as a plain loop so that a GAM run can
-    build its own source network. ``on_step(step, loss)`` is called after every step (a
-    progress bar). With ``average_gradients`` (under DDP, each process with its own share of the
-    data) the gradients are averaged across processes before every update, so all processes
-    keep identical weights. Returns the loss of every step.
-    """
-    net.train()
-    losses = []
-    for step, (x, y) in enumerate(itertools.islice(_cycle(batches), steps)):
-        x, y = x.to(device), y.to(device)
-        task.check_labels(y, "source training batch")
-        loss = task.loss(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if average_gradients:
-            _average_gradients(net)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    return losses
-
-
-def _average_gradients(net: nn.Module) -> None:
-    """Replace every gradient by its mean over the DDP processes (one all-reduce per step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _cycle(batches: Iterable):
-    """Iterate over ``batches`` again and again (a DataLoader reshuffles on every pass)."""
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the source training data is empty: no batch to train on")

@@ -18,8 +18,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from dam_lightning.data.labels import IGNORE_INDEX
-from dam_lightning.matching.gaussian import eval_mode
-from dam_lightning.metrics import SegmentationMetrics
+from dam_lightning.matching import eval_mode
+from dam_lightning.metrics import SegmentationMetrics, class_accuracy
 
 TaskName = Literal["classification", "segmentation"]
 
@@ -49,11 +49,11 @@ class WorstClassAccuracy(MulticlassConfusionMatrix):
 
     def compute(self) -> Tensor:
         self.computed_confmat = self.confmat.clone()  # summed across DDP ranks in compute()
-        correct, images = self.confmat.diagonal(), self.confmat.sum(dim=1)
-        present = images > 0
+        accuracy = class_accuracy(self.confmat)  # NaN for a class without images
+        present = ~accuracy.isnan()
         if not present.any():
             return torch.tensor(0.0, device=self.confmat.device)
-        return (correct[present].float() / images[present]).min()
+        return accuracy[present].min().float()
 
 
 class Task:
