@@ -16,18 +16,44 @@ Both give the same weights. Apart from ``gaussian.py`` because scheduling is a p
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from dam_lightning.matching.hooks import MATCHED, check_all_ran, execution_order, forward_hooks
-from dam_lightning.matching.statistics import ChannelStatsAccumulator
+from dam_lightning.matching.statistics import ChannelStats, ChannelStatsAccumulator
 
-if TYPE_CHECKING:  # gaussian.py imports this module: its types are only named here
-    from dam_lightning.matching.gaussian import LayerMatch, MatchingPlan
+LayerMatch = Any
+"""What the plan returns for one matched layer (``gaussian.LayerMatch``); engines only collect it."""
+
+
+class MatchingPlan(Protocol):
+    """What an engine asks of Gaussian matching; ``gaussian.MatchingPlan`` is the one
+    implementation (declared here so that this file does not import gaussian.py, which imports
+    it)."""
+
+    reduce: Callable[[Tensor], Tensor]
+
+    def adapts_batchnorm(self, module: nn.Module) -> bool: ...
+
+    def statistics(
+        self, name: str, module: nn.Module, activations: list[Tensor]
+    ) -> ChannelStats: ...
+
+    def channel_checked(self, name: str, module: nn.Module, activation: Tensor) -> Tensor: ...
+
+    def correct(self, name: str, module: nn.Module, before: ChannelStats) -> LayerMatch: ...
+
+    def adapt(
+        self,
+        name: str,
+        module: nn.Module,
+        inputs: ChannelStats,
+        measured: ChannelStats | None = None,
+    ) -> LayerMatch: ...
 
 
 def one_pass(

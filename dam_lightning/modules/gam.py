@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dam_lightning.errors import ConfigError, TrainingStopped
 from dam_lightning.matching import (
     ChannelStats,
     ChannelStatsAccumulator,
@@ -164,9 +165,9 @@ class GAMAdaptModule(EvaluatingModule):
             try:
                 resolve_layer(self.source_net, name)
             except ValueError as err:
-                raise ValueError(f"layers: {err}") from None
+                raise ConfigError(f"layers: {err}") from None
         if drift_anchor not in ("source", "matched"):
-            raise ValueError(f"drift_anchor must be 'source' or 'matched', got {drift_anchor!r}")
+            raise ConfigError(f"drift_anchor must be 'source' or 'matched', got {drift_anchor!r}")
         # The weights the drift term pulls F_t towards: F_s itself, or a frozen copy of F_t
         # taken after each Gaussian matching (saved in checkpoints, so a resume keeps it).
         self.drift_anchor_net = (
@@ -196,6 +197,7 @@ class GAMAdaptModule(EvaluatingModule):
         # retrains or reloads a finished F_s.
         self.register_buffer("source_ready", torch.tensor(False))
         self.register_buffer("source_batches_done", torch.tensor(0))
+        self._source_batches = 0
         self.gaussian_report: GaussianMatchingReport | None = None
         self.matched_at_step: int | None = None
 
@@ -205,7 +207,7 @@ class GAMAdaptModule(EvaluatingModule):
             return {}
         shape = example_input_shape or getattr(self.source_net, "example_input_shape", None)
         if shape is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.source_net).__name__} has no example_input_shape: pass "
                 "example_input_shape=(C, H, W) so the discriminators can be sized"
             )
@@ -251,13 +253,13 @@ class GAMAdaptModule(EvaluatingModule):
             rank_zero_info(f"Source network F_s: {self.hparams.source_weights} ({origin})")
             self._begin_adaptation()
         elif self.hparams.source_steps > 0:
-            done = int(self.source_batches_done)
+            done = self._source_batches = int(self.source_batches_done)  # a resume's count
             rank_zero_info(
                 f"Stage 1: training the source network F_s for {self.hparams.source_steps} "
                 f"batches (source_steps){f', from batch {done}' if done else ''}, then adapting"
             )
         else:
-            raise ValueError(
+            raise ConfigError(
                 "GAMAdaptModule needs a source network: pass source_weights=<SourceModule .ckpt or "
                 "state dict> or source_steps=N to train F_s on the source data first"
             )
@@ -283,8 +285,9 @@ class GAMAdaptModule(EvaluatingModule):
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         self.log("train/source_loss", loss, prog_bar=True)
-        self.source_batches_done += 1
-        if int(self.source_batches_done) >= self.hparams.source_steps:
+        self._source_batches += 1  # counted in Python: no device sync per step
+        self.source_batches_done.fill_(self._source_batches)
+        if self._source_batches >= self.hparams.source_steps:
             world = self.trainer.world_size
             rank_zero_info(
                 f"Source network trained for {self.hparams.source_steps} batches"
@@ -354,7 +357,7 @@ class GAMAdaptModule(EvaluatingModule):
 
     def _check_something_adapts(self) -> None:
         if self.gaussian_report is None:  # GaussianMatching matches before the first batch
-            raise ValueError(
+            raise ConfigError(
                 "nothing would adapt: layers is empty, drift_weight is 0 and no GaussianMatching "
                 "callback is configured. Name layers to match (e.g. {'fc3': 0.1, 'fc4': 1.0}) "
                 "or add the GaussianMatching callback"
@@ -417,7 +420,7 @@ class GAMAdaptModule(EvaluatingModule):
                 "loss_d": f"the discriminator loss of layer {layer}",
                 "loss_g": f"the adversarial loss of F_t at layer {layer}",
             }[loss]
-        raise FloatingPointError(
+        raise TrainingStopped(
             f"{what} ({key}) is {float(values[index])} at epoch {self.current_epoch}, batch "
             f"{batch_idx} (global step {self.trainer.global_step}); training stopped before F_t "
             f"was updated with it. {_last_checkpoint_text(self.trainer)} Lower the learning "
@@ -446,7 +449,7 @@ class GAMAdaptModule(EvaluatingModule):
         if bool(finite.all()):
             return
         bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
-        raise FloatingPointError(
+        raise TrainingStopped(
             f"weights {', '.join(bad[:3])} hold NaN or inf at epoch {self.current_epoch} (global "
             f"step {self.trainer.global_step}): no checkpoint written. "
             f"{_last_checkpoint_text(self.trainer)} Lower the learning rates or "
@@ -528,9 +531,9 @@ def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps
     for name, value in [("adversarial_weight", adversarial_weight), ("drift_weight", drift_weight),
                         *((f"layers[{k!r}]", v) for k, v in layers.items())]:  # fmt: skip
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
     if source_steps < 0:
-        raise ValueError(f"source_steps must be >= 0, got {source_steps}")
+        raise ConfigError(f"source_steps must be >= 0, got {source_steps}")
 
 
 def _last_checkpoint_text(trainer) -> str:
