@@ -1,33 +1,24 @@
 """Wall time of the diagnosis engine (``dam_lightning.diagnosis``) against its targets: LeNet on
 MNIST -> USPS under 30 s, ERFNet at a small demo resolution under 2 minutes, on this CPU.
 
-    python benchmarks/diagnose_speed.py [--threads 1] [--rounds 3] [--digits-root PATH]
+    python -m benchmarks.diagnose_speed [--threads 1] [--rounds 3] [--digits-root PATH]
         [--source-steps 300] [--calibration-batches 10] [--erfnet-size 64x64]
         [--erfnet-batch 4] [--output DIR] [--report PATH]
 
-(a) LeNet, MNIST -> USPS (the test splits of /work/shared/data/digits, the only ones here):
-    a LeNet trained for --source-steps steps on the MNIST test images (Adam 1e-3, batch 128;
-    not the paper's 10,000: the timing does not depend on how well it is trained), then
-    ``diagnose_datamodule`` on --calibration-batches batches of 128 per domain, every foldable
-    layer, and ``Diagnosis.save`` (table, JSON, both figures).
-(b) The offline segmentation demo's setting (configs/seg_demo.yaml): ERFNet at width 0.5 with
-    11 classes on DigitScenes, rendered digits (source) vs camera-like handwritten digits
-    (target), 64x64, --calibration-batches batches of 16 per domain (the demo's
-    GaussianMatching), every foldable layer (113), then the save. Random weights: the timing
-    depends on the layers, channels and image size, not on the weights.
-(c) A heavier ERFNet: 19 classes, width 1 (2.06 M parameters), random weights, on synthetic
-    street-like images at --erfnet-size, --calibration-batches batches of --erfnet-batch
-    images per domain.
+(a) LeNet on MNIST -> USPS (test splits), trained for --source-steps by a plain loop (the time
+    does not depend on how well), --calibration-batches of 128 per domain, every foldable layer.
+(b) The segmentation demo's ERFNet (width 0.5, 11 classes) on its DigitScenes at 64x64, random
+    weights, batches of 16. (c) ERFNet (19 classes, width 1), random weights, synthetic scenes
+    at --erfnet-size, batches of --erfnet-batch.
 
-For each: the median over --rounds of the diagnosis and of the save, beside one forward pass
-of the network over one domain's calibration batches (the unit the four passes are made of).
---output keeps the last round's files. Prints the machine and versions; --report also writes
-the figures as Markdown.
+Each: the median over --rounds of ``diagnose`` and of ``Diagnosis.save``, beside one forward
+pass over one domain's calibration batches. --output keeps the last round's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -47,23 +38,12 @@ from dam_lightning.data import (
 )
 from dam_lightning.diagnosis import diagnose, diagnose_datamodule
 from dam_lightning.models import ERFNet, LeNet
-from dam_lightning.modules.source import train_source_network
-from dam_lightning.modules.task import ClassificationTask
+from dam_lightning.runs import atomic_write_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import command_line, provenance  # noqa: E402
+from benchmarks.machine import parse_size, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS_S = {"lenet": 30.0, "seg_demo": 120.0, "erfnet": 120.0}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"64x64"`` -> (64, 64), (H, W)."""
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 64x64") from None
-    return height, width
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,13 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def trained_lenet(data: DomainAdaptationDataModule, steps: int) -> tuple[LeNet, float]:
+    """LeNet after ``steps`` batches of a plain supervised loop on the source (Adam 1e-3)."""
     torch.manual_seed(0)
     net = LeNet()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     start = time.perf_counter()
-    train_source_network(
-        net, data.source_dataloader(), steps, ClassificationTask(10), optimizer, torch.device("cpu")
-    )
+    for x, y in itertools.islice(itertools.cycle(data.source_dataloader()), steps):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
     return net.eval(), time.perf_counter() - start
 
 
@@ -201,13 +183,13 @@ def main(argv=None) -> None:
             f"| {save_s:.2f} | {diagnose_s + save_s:.2f} | {TARGETS_S[key]:.0f} | {forward_s:.3f} |"
         )
     table = "\n".join(lines)
-    command = command_line("diagnose_speed.py", sys.argv[1:] if argv is None else argv)
     report = "\n".join(
         [
             "# Diagnosis speed",
             "",
             *provenance(
-                command,
+                "diagnose_speed",
+                sys.argv[1:] if argv is None else argv,
                 f"; shared with other jobs: load average {load_before:.1f} at the start, "
                 f"{os.getloadavg()[0]:.1f} at the end",
             ),
@@ -231,8 +213,6 @@ def main(argv=None) -> None:
     )
     print(report)
     if args.report:
-        from dam_lightning.runs import atomic_write_text
-
         atomic_write_text(args.report, report)
 
 

@@ -1,7 +1,7 @@
 """Figures for the docs: sample images of each digit domain, and of the digit-scene domains.
 
-    python benchmarks/figures.py [--root ../shared/data/digits]
-    python benchmarks/figures.py --scenes [--root ../shared/data/digits]
+    python -m benchmarks.figures [--root ../shared/data/digits]
+    python -m benchmarks.figures --scenes [--root ../shared/data/digits]
 
 Writes docs/figures/digit_domains.png: one row per domain (SynDigits, UCIDigits, and MNIST and
 USPS test images when --root holds them), digits 0-9 from left to right. With --scenes, writes
@@ -54,8 +54,7 @@ def digit_scenes_figure(root: str, out: str, per_row: int = 6) -> None:
         axes[2 * row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
         axes[2 * row + 1, 0].set_ylabel("labels", rotation=0, ha="right", va="center", fontsize=8)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     fig.tight_layout(pad=0.2)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -85,10 +84,8 @@ def main() -> None:
     fig, axes = plt.subplots(len(domains), 10, figsize=(7, 0.8 * len(domains) + 0.2))
     for row, (name, dataset) in enumerate(domains.items()):
         for col, image in enumerate(first_of_each_digit(dataset)):
-            ax = axes[row, col]
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            axes[row, col].imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            axes[row, col].set(xticks=[], yticks=[])
         axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout(pad=0.2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

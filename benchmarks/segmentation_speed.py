@@ -1,34 +1,20 @@
 """Speed and memory of the segmentation pieces on ERFNet (19 classes, width 1), with synthetic
 tensors: no data set, no checkpoint, no download.
 
-    python benchmarks/segmentation_speed.py [--device cpu|cuda] [--threads N]
+    python -m benchmarks.segmentation_speed [--device cpu|cuda] [--threads N]
         [--batches 4 8] [--batch-size 2] [--size 256x512] [--eval-size 512x1024]
         [--eval-images 4] [--report PATH]
 
-(a) Gaussian matching: the cost of ``gaussian_match`` (every foldable layer, batchnorm="fold")
-    in units of one forward pass of F_t over the same calibration batches, and its peak memory,
-    for ``one_pass`` and ``layerwise``, beside a plain forward pass over those batches, for
-    each number of calibration batches in --batches (one_pass's memory grows with it). Each
-    runs in a fresh subprocess that first loads the networks, the calibration batches and the
-    source statistics (measured here, in the parent), so that nothing else has raised the
-    process's peak: peak memory is the peak resident set (VmHWM, CPU) or
-    ``torch.cuda.max_memory_allocated`` (CUDA) during the run, less what was resident before
-    it (the networks, the calibration batches, the source statistics). The forward pass that
-    is the unit is timed afterwards in the same process (median of 3).
-(b) Evaluation throughput as the protocol scores Cityscapes (method.md section 5), through the
-    library's own evaluation path (``SegmentationTask.update``): ERFNet forward at
-    --eval-size, bilinear upsampling of the logits to the label's 1024x2048, and the
-    confusion-matrix update of ``SegmentationMetrics``: images/s.
-(c) A GAM iteration over a source-only iteration of the same batch size, both through the
-    Lightning Trainer (``GAMAdaptModule``: F_s forward, F_t forward, the discriminator step of
-    the 4 patch discriminators at ERFNet's layers 4, 8, 12 and the output, the F_t step with
-    the weight drift; ``SourceModule``: forward, cross-entropy, backward, step), at
-    --iteration-size, interleaved in one process (--rounds rounds of --iterations batches of
-    each; the first batch of every fit is not timed); median seconds per batch and their
-    ratio, for each --discriminator-widths.
+(a) Gaussian matching (every foldable layer, batchnorm="fold"), one_pass and layerwise, for each
+    --batches: time in forward passes of F_t over the same batches, and peak memory above what
+    was resident before (VmHWM on the CPU, max_memory_allocated on CUDA), each in a fresh process.
+(b) Evaluation as Cityscapes is scored (SegmentationTask): forward at --eval-size, upsampling to
+    the 1024x2048 label, confusion-matrix update: images/s.
+(c) A GAM iteration over a source-only iteration through the Trainer at --iteration-size,
+    interleaved (--rounds x --iterations batches), for each --discriminator-widths.
 
-Sizes are H x W. The default calibration size is 256x512 on the CPU (about five minutes on 2
-cores) and 512x1024 on CUDA. It only measures: it changes no file but --report.
+Sizes are H x W (calibration default: 256x512 on the CPU, 512x1024 on CUDA). Only --report is
+written.
 """
 
 from __future__ import annotations
@@ -60,8 +46,7 @@ from dam_lightning.modules import GAMAdaptModule, SourceModule
 from dam_lightning.modules.task import SegmentationTask
 from dam_lightning.runs import atomic_write_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import command_line, describe, provenance  # noqa: E402
+from benchmarks.machine import describe, parse_size, provenance
 
 NUM_CLASSES = 19
 LABEL_SIZE = (1024, 2048)  # Cityscapes' gtFine, (H, W)
@@ -69,41 +54,21 @@ IGNORE_INDEX = 255
 RUNS = ("forward", "one_pass", "layerwise")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"256x512"`` -> (256, 512), (H, W)."""
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 256x512") from None
-    return height, width
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument(
-        "--batches", type=int, nargs="+", default=[4, 8], help="calibration batches, per run"
-    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="(a) per run")
     parser.add_argument("--batch-size", type=int, default=2, help="images per calibration batch")
-    parser.add_argument(
-        "--size", type=parse_size, help="calibration HxW (default 256x512 CPU, 512x1024 CUDA)"
-    )
+    parser.add_argument("--size", type=parse_size, help="(a) calibration HxW")
     parser.add_argument("--eval-size", type=parse_size, default=(512, 1024), help="network HxW")
     parser.add_argument("--eval-images", type=int, default=4, help="timed, after one warm-up")
-    parser.add_argument(
-        "--iteration-size", type=parse_size, help="(c) HxW (default 256x512 CPU, 512x1024 CUDA)"
-    )
+    parser.add_argument("--iteration-size", type=parse_size, help="(c) HxW")
     parser.add_argument("--iteration-batch", type=int, default=1, help="(c) images per domain")
     parser.add_argument("--iterations", type=int, default=4, help="(c) timed batches per fit")
     parser.add_argument("--rounds", type=int, default=3, help="(c) interleaved rounds")
-    parser.add_argument(
-        "--discriminator-widths", type=int, nargs="+", default=[64, 32], help="(c) D widths"
-    )
-    parser.add_argument(
-        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
-        help="which measurements to run",
-    )  # fmt: skip
+    parser.add_argument("--discriminator-widths", type=int, nargs="+", default=[64, 32])
+    parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--report", help="also write the figures as Markdown to this file")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -231,12 +196,12 @@ def _proc_status_bytes(field: str) -> int:
 def run_in_subprocess(args, run: str, batches: int, workdir: Path) -> dict:
     """``measure_run`` for ``run`` on ``batches`` calibration batches in a fresh process."""
     command = [
-        sys.executable, __file__, "--run", run, "--workdir", str(workdir),
-        "--device", args.device, "--batches", str(batches), "--batch-size", str(args.batch_size),
+        sys.executable, "-m", "benchmarks.segmentation_speed", "--run", run,
+        "--workdir", str(workdir), "--device", args.device, "--batches", str(batches), "--batch-size", str(args.batch_size),
         "--size", size_text(args.size),
         *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"the {run!r} measurement failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -441,7 +406,8 @@ def write_report(path: Path, lines: list[str], argv: list[str]) -> None:
             "# Segmentation speed",
             "",
             *provenance(
-                command_line("segmentation_speed.py", argv),
+                "segmentation_speed",
+                argv,
                 f". Run on {time.strftime('%Y-%m-%d')}; synthetic tensors, random weights.",
             ),
             "",

@@ -1,16 +1,11 @@
 """Speed of dam_lightning against the plain-PyTorch floor.
 
-    python benchmarks/speed.py [--iterations 60] [--rounds 5] [--demo]
+    python -m benchmarks.speed [--iterations 60] [--rounds 5] [--demo] [--report PATH]
 
-(a) Framework overhead: one GAMAdaptModule iteration (discriminator step + target step) in
-    steady state through the Lightning Trainer, divided by a minimal plain-PyTorch loop doing
-    identical work (same LeNets, discriminators, optimisers, batches, data loaders). The two are
-    measured in alternating rounds in one process, so machine noise hits both alike; the figure
-    is the ratio of the medians of the per-iteration times.
-(b) Gaussian matching cost for LeNet in units of one forward pass of F_t over the calibration
-    batches, for the one-pass and the layer-by-layer implementations.
-(c) With --demo: wall time of the README's demo command (a subprocess).
-Prints the machine and library versions with the figures.
+(a) Framework overhead: a GAMAdaptModule iteration through the Trainer over a plain-PyTorch
+    loop doing identical work, measured in alternating rounds (ratio of median iteration times).
+(b) Gaussian matching of LeNet in forward passes of F_t over the calibration batches.
+(c) With --demo: wall time of the README's demo command.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +34,9 @@ from dam_lightning.matching import (
 )
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
+from dam_lightning.runs import atomic_write_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for benchmarks/machine.py
-from machine import command_line, describe  # noqa: E402
+from benchmarks.machine import describe, provenance
 
 LAYERS = {"fc3": 0.1, "fc4": 1.0}
 
@@ -117,9 +113,11 @@ def taps(net: LeNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def framework_overhead(iterations: int, rounds: int) -> dict:
     torch.manual_seed(0)
     data = DomainAdaptationDataModule(SynDigits(4000, seed=0), UCIDigits(), batch_size=128)
-    module = GAMAdaptModule(LeNet, num_classes=10, layers=LAYERS, source_steps=20)
     plain_source, plain_target = LeNet(10), LeNet(10)
     plain_target.load_state_dict(plain_source.state_dict())
+    folder = tempfile.TemporaryDirectory()  # read by the first fit: both loops share F_s
+    torch.save(plain_source.state_dict(), weights := os.path.join(folder.name, "source.pt"))
+    module = GAMAdaptModule(LeNet, num_classes=10, layers=LAYERS, source_weights=weights)
     plain_source.requires_grad_(False).eval()
     discriminators = copy.deepcopy(module.discriminators)
     adam = dict(lr=2e-4, betas=(0.5, 0.999))
@@ -134,6 +132,7 @@ def framework_overhead(iterations: int, rounds: int) -> dict:
     for _ in range(rounds):
         lightning_times += lightning_round(module, data, iterations)
         plain_times += plain_round(nets, data, iterations)
+    folder.cleanup()
     lightning_ms = 1000 * statistics.median(lightning_times)
     plain_ms = 1000 * statistics.median(plain_times)
     return {"lightning_ms": lightning_ms, "plain_ms": plain_ms, "ratio": lightning_ms / plain_ms}
@@ -198,56 +197,29 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60, help="per round and loop")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--demo", action="store_true", help="also time the README demo")
-    parser.add_argument(
-        "--report", help="also write the figures, with the command and machine, to this file"
-    )
+    parser.add_argument("--report", help="also write the figures as Markdown to this file")
     args = parser.parse_args()
-    lines = [f"Machine: {describe()}"]
-    print(lines[-1], flush=True)
+    print(f"Machine: {describe()}", flush=True)
     overhead = framework_overhead(args.iterations, args.rounds)
-    lines.append(
-        f"(a) GAM iteration: Lightning {overhead['lightning_ms']:.1f} ms, plain PyTorch "
-        f"{overhead['plain_ms']:.1f} ms -> overhead {overhead['ratio']:.3f}x "
-        f"(median of {args.rounds} x {args.iterations} iterations, batch 128 + 128, CPU)"
-    )
-    print(lines[-1], flush=True)
     cost = gaussian_matching_cost(repeats=15)
-    lines.append(
+    lines = [
+        f"(a) GAM iteration: Lightning {overhead['lightning_ms']:.1f} ms, plain PyTorch "
+        f"{overhead['plain_ms']:.1f} ms -> overhead {overhead['ratio']:.3f}x (median of "
+        f"{args.rounds} x {args.iterations} iterations, batch 128 + 128, CPU)",
         f"(b) Gaussian matching, LeNet, {cost['layers']} layers, 10 calibration batches of 128: "
         f"one_pass {cost['one_pass']:.2f} forward passes, layerwise {cost['layerwise']:.2f} "
         f"(one forward pass = {cost['forward_ms']:.1f} ms; median of {cost['repeats']} paired "
-        "repeats)"
-    )
-    print(lines[-1], flush=True)
-    if args.demo:
-        lines.append(f"(c) demo wall time: {demo_wall_time():.0f} s")
-        print(lines[-1], flush=True)
+        "repeats)",
+    ]
+    lines += [f"(c) demo wall time: {demo_wall_time():.0f} s"] if args.demo else []
+    print("\n".join(lines))
     if args.report:
-        write_report(Path(args.report), lines)
-
-
-def write_report(path: Path, lines: list[str]) -> None:
-    """The figures as markdown, headed by the command that produced them, written atomically."""
-    command = command_line("speed.py", sys.argv[1:])
-    text = "\n".join(
-        [
-            "# Speed",
-            "",
-            "Produced by:",
-            "",
-            f"    {command}",
-            "",
-            f"on {time.strftime('%Y-%m-%d')}. Targets (issue 3): framework overhead <= 1.10x the "
-            "plain-PyTorch loop; Gaussian matching <= 1.5 forward passes.",
-            "",
-            *[f"- {line}" for line in lines],
-            "",
-        ]
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        text = [
+            "# Speed", "", *provenance("speed", sys.argv[1:], f"; {time.strftime('%Y-%m-%d')}."),
+            "", "Targets (issue 3): framework overhead <= 1.10x the plain-PyTorch loop; "
+            "Gaussian matching <= 1.5 forward passes.", "", *[f"- {line}" for line in lines], "",
+        ]  # fmt: skip
+        atomic_write_text(args.report, "\n".join(text))
 
 
 if __name__ == "__main__":
