@@ -4,10 +4,11 @@ Adds what the stock CLI lacks for this library: ``num_classes``, the task (class
 segmentation) and the class names flow from the data to the model; optimisers are module
 arguments (GAM has two); every command gets a run folder named after the experiment and the time
 (``runs/demo/2026-12-02_01-09-37``) that holds all it writes, and a run that fails before it has
-produced anything leaves none; a GAM run on several processes gets the DDP flavour it needs; the
-library's own errors end the command with one line, ``error: <message>`` (the traceback goes to
-the run's ``log.txt``, or to the screen with ``--debug`` or ``DAM_LIGHTNING_DEBUG=1``); the last
-lines on screen say where the run's files went.
+produced anything leaves none; a GAM run on several processes gets the DDP flavour it needs; a
+bad input (a ``dam_lightning.errors.DamError``) ends the command with one line, ``error:
+<message>`` (``cli_errors.py``; the traceback goes to the run's ``log.txt``, or to the screen with
+``--debug`` or ``DAM_LIGHTNING_DEBUG=1``); the last lines on screen say where the run's files
+went.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import traceback
@@ -38,7 +38,9 @@ import dam_lightning.data
 import dam_lightning.models
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
+from dam_lightning.cli_errors import short_parse_error, user_message
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
+from dam_lightning.errors import ConfigError
 from dam_lightning.modules.base import EvaluatingModule
 from dam_lightning.runs import (
     LOG_FILE,
@@ -56,12 +58,6 @@ from dam_lightning.weights import read_weights_file
 
 DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
-
-_LIBRARY_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
-"""Errors that dam_lightning raises on purpose for a bad input; raised elsewhere, or of another
-kind, an exception is a bug and keeps its traceback."""
-
-_WORKER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError)
 
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
@@ -145,32 +141,11 @@ class _DamArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if self.debug or not self.exit_on_error:
             return super().error(message, ex)
-        self._logger.error(message)
+        self.logger.error(message)
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"(`{prog} --help` lists the options; --debug shows the details)\n")
-        sys.stderr.write(f"error: {_short_parse_error(message, ex)}\n")
+        sys.stderr.write(f"error: {short_parse_error(message, ex)}\n")
         raise SystemExit(2)
-
-
-def _short_parse_error(message: str, ex: BaseException | None) -> str:
-    """One line for a config error: the keys named along jsonargparse's chain of errors joined
-    into one dotted key, and the innermost message (the library's own, where it raised one)."""
-    chain = _error_chain(ex) if ex is not None else []
-    texts = [message] + [str(e) for e in chain]
-    keys: list[str] = []
-    for text in texts:
-        for key in re.findall(r'Parser key "([^"]+)"', text):
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    library = _library_error(ex) if ex is not None else None
-    if library is not None:
-        detail = str(library)
-    else:
-        lines = [line.strip() for line in texts[-1].splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith("Parser key")]
-        detail = " ".join(lines[:3]) if lines else message
-    key = ".".join(dict.fromkeys(keys))
-    return f"{key}: {detail}" if key and not detail.startswith(key) else detail
 
 
 def _parser_kwargs() -> dict:
@@ -223,11 +198,13 @@ class DamCLI(LightningCLI):
         # a missing, damaged or unsafe file must be named here, before anything starts. The file
         # is read as weights only (``read_weights_file``); Lightning then reads it again the same
         # way (``_prepare_subcommand_kwargs`` passes ``weights_only=True``).
+        # Private hook: LightningCLI has no public one between parsing and this read of the
+        # checkpoint. # checked on lightning 2.6.6
         subcommand = self.config.get("subcommand")
         if subcommand == "diagnose":
             return  # its --ckpt_path names a source network, read by DamTrainer.diagnose
         if subcommand and self.config[subcommand].get("weights_only") is False:
-            raise ValueError(
+            raise ConfigError(
                 "--weights_only false would let Lightning run code stored in the checkpoint: "
                 "dam_lightning reads checkpoints as weights only. Leave --weights_only out"
             )
@@ -240,6 +217,8 @@ class DamCLI(LightningCLI):
         """Lightning's keyword arguments of the command, with ``weights_only=True``: Lightning
         reads ``--ckpt_path`` as weights only whatever the environment says
         (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` would otherwise switch its default off)."""
+        # Private hook and attribute: LightningCLI has no public way to add a keyword argument
+        # to the command's call. # checked on lightning 2.6.6
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
             kwargs["weights_only"] = True
@@ -313,6 +292,8 @@ class DamCLI(LightningCLI):
             return
         if not isinstance(strategy, DDPStrategy):
             return  # FSDP, DeepSpeed...: the user's choice
+        # DDPStrategy has no public getter or setter for the keyword arguments it passes to
+        # DistributedDataParallel (find_unused_parameters), once built. # checked on lightning 2.6.6
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
         if isinstance(ddp_kwargs, dict) and ddp_kwargs.get("find_unused_parameters"):
             return
@@ -325,7 +306,7 @@ class DamCLI(LightningCLI):
                 f"{trainer.num_devices * trainer.num_nodes} processes)"
             )
             return
-        raise ValueError(
+        raise ConfigError(
             f"trainer.strategy={given!r} cannot train {name} on several processes: each of its "
             "two backward passes reaches only part of the parameters. Use --trainer.strategy "
             "ddp_find_unused_parameters_true (configs/ddp.yaml sets it)"
@@ -375,6 +356,8 @@ def _point_logger_at(logger, folder: str) -> None:
 def _quiet_wandb_logger(logger) -> None:
     """Lightning's WandbLogger always passes ``anonymous``, which W&B deprecates with a warning
     on every run that the user cannot act on: drop the key when it says nothing."""
+    # WandbLogger has no public view of the keyword arguments it will pass to wandb.init.
+    # checked on lightning 2.6.6
     wandb_init = getattr(logger, "_wandb_init", None)
     if isinstance(wandb_init, dict) and wandb_init.get("anonymous") is None:
         wandb_init.pop("anonymous", None)
@@ -405,7 +388,7 @@ def main(args=None) -> None:
             report=report,
         )
     except BaseException as err:
-        error = None if debug else _library_error(err)
+        error = None if debug else user_message(err)
         log = _close_run(report, failed=err)
         if error is None:
             raise
@@ -424,61 +407,6 @@ def main(args=None) -> None:
     finally:
         if inherited_env is None:
             os.environ.pop(RUN_FOLDER_ENV, None)
-
-
-def _error_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its causes, outermost first."""
-    chain, seen = [], set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
-    return chain
-
-
-def _library_error(err: BaseException) -> BaseException | None:
-    """The error to show in one line: the outermost exception in ``err``'s chain of causes that
-    dam_lightning raised on purpose (a bad input); None if there is none (a bug, or an error of
-    Lightning or torch: those keep their traceback)."""
-    for candidate in _error_chain(err):
-        if isinstance(candidate, _LIBRARY_ERRORS) and _raised_by_library(candidate):
-            return candidate
-        from_worker = _raised_in_a_worker_by_library(candidate)
-        if from_worker is not None:
-            return from_worker
-    return None
-
-
-def _raised_in_a_worker_by_library(err: BaseException) -> BaseException | None:
-    """A DataLoader worker's error is raised again in the main process by torch, with the
-    worker's traceback as text: the library's error if that traceback ends in its code."""
-    text = str(err)
-    if "DataLoader worker process" not in text or "Traceback" not in text:
-        return None
-    files = re.findall(r'File "([^"]+)"', text)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not files or not os.path.abspath(files[-1]).startswith(_package_folder()):
-        return None
-    kind, _, message = lines[-1].partition(": ")
-    if kind.rsplit(".", 1)[-1] not in {e.__name__ for e in _WORKER_ERRORS}:
-        return None
-    return RuntimeError(message)
-
-
-def _raised_by_library(err: BaseException) -> bool:
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_package_folder())
-
-
-def _package_folder() -> str:
-    return os.path.dirname(os.path.abspath(dam_lightning.__file__)) + os.sep
 
 
 def _close_run(report: RunReport, failed: BaseException | None) -> str | None:

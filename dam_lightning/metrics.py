@@ -20,6 +20,7 @@ from torchmetrics.functional.classification.confusion_matrix import (
 )
 
 from dam_lightning.data.labels import IGNORE_INDEX, class_indices
+from dam_lightning.errors import ConfigError
 
 __all__ = [
     "SegmentationMetrics",
@@ -38,13 +39,13 @@ def _class_arg_validation(
 ) -> None:
     """Refuse too few or repeated class names and subsets naming unknown classes."""
     if isinstance(class_names, str) or len(class_names) < 2:
-        raise ValueError(f"class_names must list at least 2 classes, got {class_names!r}")
+        raise ConfigError(f"class_names must list at least 2 classes, got {class_names!r}")
     if len(set(class_names)) != len(class_names):
         repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
-        raise ValueError(f"class_names repeats {repeated}; every class needs its own name")
+        raise ConfigError(f"class_names repeats {repeated}; every class needs its own name")
     for key, subset in (subsets or {}).items():
         if isinstance(subset, str) or not subset:
-            raise ValueError(
+            raise ConfigError(
                 f"subset {key!r} must be a non-empty list of class names, got {subset!r}"
             )
         class_indices(list(subset), tuple(class_names))
@@ -53,7 +54,7 @@ def _class_arg_validation(
 def _ignore_index_validation(ignore_index: int, num_classes: int) -> None:
     """Refuse an ignore_index that is also a class id."""
     if not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"ignore_index must be an int outside the class ids 0..{num_classes - 1}, got "
             f"{ignore_index!r} (Cityscapes uses {IGNORE_INDEX})"
         )
@@ -63,33 +64,33 @@ def _segmentation_tensor_validation(preds: Tensor, target: Tensor, num_classes: 
     """Refuse shapes and dtypes that would be scored wrongly: logits ``(N, C, H, W)`` or ids
     ``(N, H, W)`` against integer labels ``(N, H, W)`` of the same size."""
     if target.is_floating_point() or target.ndim < 2:
-        raise ValueError(
+        raise ConfigError(
             f"labels must be an integer tensor (N, H, W), got {target.dtype} of shape "
             f"{tuple(target.shape)}"
         )
     if preds.ndim == target.ndim + 1:
         if not preds.is_floating_point() or preds.shape[1] != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"logits must be a float tensor (N, {num_classes}, H, W), got {preds.dtype} of "
                 f"shape {tuple(preds.shape)}"
             )
         pred_batch, pred_size = preds.shape[0], preds.shape[2:]
     elif preds.ndim == target.ndim:
         if preds.is_floating_point():
-            raise ValueError(
+            raise ConfigError(
                 f"predicted ids (N, H, W) must be integers, got {preds.dtype}; pass logits "
                 f"(N, {num_classes}, H, W) to take the argmax here"
             )
         pred_batch, pred_size = preds.shape[0], preds.shape[1:]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"predictions of shape {tuple(preds.shape)} fit neither logits (N, C, H, W) nor ids "
             f"(N, H, W) for labels of shape {tuple(target.shape)}"
         )
     if pred_batch != target.shape[0]:
-        raise ValueError(f"{pred_batch} predictions for {target.shape[0]} labels")
+        raise ConfigError(f"{pred_batch} predictions for {target.shape[0]} labels")
     if pred_size != target.shape[1:]:
-        raise ValueError(
+        raise ConfigError(
             f"predictions are {'x'.join(map(str, pred_size))} but labels are "
             f"{'x'.join(map(str, target.shape[1:]))}; upsample the logits to the label size "
             "(bilinear) before the update"
@@ -107,7 +108,7 @@ def _check_ids_in_range(preds: Tensor, target: Tensor, num_classes: int, ignore_
     for low, high, what in ((low_t, high_t, "label"), (low_p, high_p, "predicted id")):
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
-            raise ValueError(
+            raise ConfigError(
                 f"{what} {bad} is outside 0..{num_classes - 1} and is not ignore_index "
                 f"{ignore_index}; map dataset ids to trainIds first (e.g. "
                 "CITYSCAPES_ID_TO_TRAIN_ID[label]) or fix num_classes"
@@ -233,7 +234,7 @@ def segmentation_scores(
     """
     _class_arg_validation(class_names, subsets)
     if confmat.shape != (len(class_names), len(class_names)):
-        raise ValueError(
+        raise ConfigError(
             f"confusion matrix of shape {tuple(confmat.shape)} does not fit {len(class_names)} "
             "class names; pass one name per row"
         )

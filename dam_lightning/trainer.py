@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from dam_lightning.diagnosis import Diagnosis, diagnose_datamodule
+from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.runs import run_directory
 from dam_lightning.weights import load_network_weights
 
@@ -53,10 +54,10 @@ class DamTrainer(L.Trainer):
         """
         net = getattr(model, "source_net", None) or getattr(model, "net", None)
         if net is None:
-            raise TypeError(f"diagnose needs a SourceModule or GAMAdaptModule, not {model!r}")
+            raise WrongTypeError(f"diagnose needs a SourceModule or GAMAdaptModule, not {model!r}")
         weights = ckpt_path or getattr(model, "hparams", {}).get("source_weights")
         if not weights:
-            raise ValueError(
+            raise ConfigError(
                 "diagnose needs a trained source network: pass --ckpt_path SOURCE.ckpt (a "
                 "SourceModule checkpoint, e.g. runs/<name>_source/source.ckpt) or set "
                 "model.init_args.source_weights"

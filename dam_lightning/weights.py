@@ -23,12 +23,20 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from dam_lightning.errors import (
+    ConfigError,
+    DataError,
+    MissingFileError,
+    NotAFileError,
+    UnreadableFileError,
+)
+
 NETWORK_PREFIXES = ("net.", "target_net.")
 """Where a network's weights sit in a checkpoint's ``state_dict``: ``net.`` (``SourceModule``),
 then ``target_net.`` (``GAMAdaptModule``'s adapted network)."""
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(DataError):
     """A weights file that exists but holds no weights that can be read."""
 
 
@@ -40,7 +48,8 @@ def read_weights_file(path: str | os.PathLike, setting: str) -> dict:
     """The dict in the checkpoint or state dict file ``path``, on the CPU, read with
     ``torch.load(weights_only=True)``: nothing in the file is executed. Errors are one line that
     names ``setting`` (the option the file came from, e.g. ``"source_weights"``), the file and
-    the fix: ``FileNotFoundError`` (no such file), ``IsADirectoryError`` (a folder),
+    the fix (``dam_lightning.errors``): ``MissingFileError``, a ``FileNotFoundError`` (no such
+    file), ``NotAFileError``, an ``IsADirectoryError`` (a folder),
     ``UnsafeWeightsFileError`` (Python objects besides weights), ``WeightsFileError``
     (truncated, corrupt, or not a dict).
 
@@ -53,15 +62,15 @@ def read_weights_file(path: str | os.PathLike, setting: str) -> dict:
         >>> read_weights_file("no/such.ckpt", "source_weights")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: source_weights: no/such.ckpt does not exist; pass the path of a checkpoint (.ckpt) or state dict (.pt) file
+        dam_lightning.errors.MissingFileError: source_weights: no/such.ckpt does not exist; pass the path of a checkpoint (.ckpt) or state dict (.pt) file
     """  # noqa: E501
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{setting}: {path} is a folder, not a weights file; "
-                                f"{_files_in(path)}")  # fmt: skip
+        raise NotAFileError(f"{setting}: {path} is a folder, not a weights file; "
+                            f"{_files_in(path)}")  # fmt: skip
     if not os.path.isfile(path):
         problem = "is not a regular file" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{setting}: {path} {problem}; pass the path of a checkpoint (.ckpt) or state dict "
             "(.pt) file"
         )
@@ -74,7 +83,7 @@ def read_weights_file(path: str | os.PathLike, setting: str) -> dict:
             raise UnsafeWeightsFileError(f"{setting}: {message}") from err
         raise WeightsFileError(f"{setting}: {unreadable_checkpoint(path, err)}") from err
     except PermissionError as err:
-        raise PermissionError(
+        raise UnreadableFileError(
             f"{setting}: {path} cannot be read ({err.strerror}); check its permissions"
         ) from err
     except Exception as err:  # the zip reader and the unpickler raise many kinds
@@ -188,7 +197,7 @@ def load_network_weights(
     if not os.path.exists(path):
         stage_one = os.path.basename(os.path.dirname(path))
         config = stage_one if stage_one.endswith("_source") else "<experiment>_source"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{setting}: {path} does not exist; train it with `python -m dam_lightning fit "
             f"--config configs/{config}.yaml` (which saves it there) or set source_steps"
         )
@@ -198,9 +207,9 @@ def load_network_weights(
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:
         fits = f"{setting}: {path} does not fit {type(net).__name__}"
-        raise ValueError(f"{fits}: {err}") from err
+        raise ConfigError(f"{fits}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}: {path} does not fit {type(net).__name__}: missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was it "
             "trained with the same net and num_classes?"

@@ -28,6 +28,7 @@ from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_ima
 from dam_lightning.data.datamodule import dataset_attribute
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import resize_mask
+from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import eval_mode
 from dam_lightning.metrics import class_accuracy, segmentation_scores
 
@@ -194,9 +195,9 @@ class ValidationDashboard(L.Callback):
 
     def __init__(self, num_images: int = 4, every_n_validations: int = 1):
         if num_images < 0:
-            raise ValueError(f"ValidationDashboard: num_images must be >= 0, got {num_images}")
+            raise ConfigError(f"ValidationDashboard: num_images must be >= 0, got {num_images}")
         if every_n_validations < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"ValidationDashboard: every_n_validations must be >= 1, got {every_n_validations}"
             )
         self.num_images = num_images
@@ -207,7 +208,7 @@ class ValidationDashboard(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for attribute in ("task", "val_metrics", "eval_net"):
             if not hasattr(pl_module, attribute):
-                raise TypeError(
+                raise WrongTypeError(
                     f"ValidationDashboard needs a dam_lightning module (EvaluatingModule); "
                     f"{type(pl_module).__name__} has no {attribute}"
                 )

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import (
     ChannelStats,
     GaussianMatchingReport,
@@ -65,9 +66,9 @@ class GaussianMatching(L.Callback):
         mode: Literal["one_pass", "layerwise"] = "one_pass",
     ):
         if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+            raise ConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
         if every_n_epochs < 0:
-            raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
+            raise ConfigError(f"every_n_epochs must be >= 0, got {every_n_epochs}")
         self.layers = layers
         self.calibration_batches = calibration_batches
         self.every_n_epochs = every_n_epochs
@@ -90,12 +91,12 @@ class GaussianMatching(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, GAMAdaptModule):
-            raise TypeError(
+            raise WrongTypeError(
                 "GaussianMatching corrects the target network of a GAMAdaptModule; "
                 f"{type(pl_module).__name__} has none: remove the callback from this config"
             )
         if not hasattr(trainer.datamodule, "calibration_batches"):
-            raise TypeError("GaussianMatching needs a DomainAdaptationDataModule")
+            raise WrongTypeError("GaussianMatching needs a DomainAdaptationDataModule")
         self._source_stats = None
         self._cpu_batches = {}
 

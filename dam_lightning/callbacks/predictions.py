@@ -30,6 +30,7 @@ from dam_lightning.data.labels import (
     colour_table,
     lookup_table,
 )
+from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.runs import run_directory
 
 __all__ = ["PredictionWriter", "distinct_palette"]
@@ -121,7 +122,7 @@ class _DatasetView:
         if name is None:
             return f"{index:06d}"
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(
+            raise ConfigError(
                 f"item_name({index}) returned {name!r}; it must be a relative path without '..' "
                 "(e.g. 'frankfurt/frankfurt_000000_000294')"
             )
@@ -149,7 +150,7 @@ def _unpack(prediction: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if isinstance(prediction, Tensor):
         return prediction.detach().cpu(), None, None
     if not isinstance(prediction, dict) or "prediction" not in prediction:
-        raise TypeError(
+        raise WrongTypeError(
             "PredictionWriter expects predict_step to return a tensor or a dict with keys "
             f"'prediction', 'confidence', 'label'; got {type(prediction).__name__}"
         )
@@ -174,7 +175,7 @@ class _SegmentationTables:
         if label_ids is not None:
             label_ids = [int(i) for i in label_ids]
             if any(not 0 <= i <= 255 for i in label_ids):
-                raise ValueError(f"label_ids {label_ids} do not fit a uint8 PNG (0..255)")
+                raise ConfigError(f"label_ids {label_ids} do not fit a uint8 PNG (0..255)")
             self.num_ids = len(label_ids)
             table = lookup_table(dict(enumerate(label_ids)), fill=0)  # ignored pixels -> 0, void
             self.ids = table.to(torch.uint8).numpy()
@@ -188,7 +189,7 @@ class _SegmentationTables:
         low, high = valid.min().item(), valid.max().item()
         limit = min(self.num_colours, self.num_ids)
         if low < 0 or high >= limit:
-            raise ValueError(
+            raise ConfigError(
                 f"prediction for {name!r} holds trainId {low if low < 0 else high}, outside "
                 f"0..{limit - 1} (the dataset's palette/label_ids) and not {IGNORE_INDEX}; give "
                 "the dataset a `palette` and `label_ids` with one entry per class"
@@ -237,7 +238,7 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None, overlay_alpha: float = 0.5):
         super().__init__(write_interval="batch")
         if not 0.0 <= overlay_alpha <= 1.0:
-            raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+            raise ConfigError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
         self.output_dir = output_dir
         self.overlay_alpha = overlay_alpha
         self._reset()
@@ -277,7 +278,7 @@ class PredictionWriter(BasePredictionWriter):
             for row, index in enumerate(indices):
                 self._write_masks(view, tables, folder, index, predicted[row])
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"prediction of shape {tuple(predicted.shape)} is neither (N,) class ids nor "
                 "(N, H, W) trainIds"
             )
@@ -305,7 +306,7 @@ class PredictionWriter(BasePredictionWriter):
         self._seen[dataloader_idx] = seen + size
         if batch_indices:
             if len(batch_indices) != size:
-                raise ValueError(f"{size} predictions for a batch of {len(batch_indices)} items")
+                raise ConfigError(f"{size} predictions for a batch of {len(batch_indices)} items")
             return [int(i) for i in batch_indices]
         return list(range(seen, seen + size))
 

@@ -13,6 +13,8 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from dam_lightning.errors import ConfigError
+
 
 class PublishCheckpoint(L.Callback):
     """At the end of a successful ``fit``, save a checkpoint of the final weights to ``path``,
@@ -33,7 +35,7 @@ class PublishCheckpoint(L.Callback):
 
     def __init__(self, path: str):
         if not path:
-            raise ValueError("PublishCheckpoint needs a path, e.g. runs/<experiment>/source.ckpt")
+            raise ConfigError("PublishCheckpoint needs a path, e.g. runs/<experiment>/source.ckpt")
         self.path = path
         self.published: str | None = None
 

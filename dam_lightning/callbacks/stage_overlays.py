@@ -20,6 +20,7 @@ from torch import Tensor
 from dam_lightning.callbacks.summary import milestones_due
 from dam_lightning.callbacks.predictions import default_palette, save_png_atomically
 from dam_lightning.data.labels import colour_table
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching import eval_mode
 from dam_lightning.runs import run_directory
 
@@ -65,7 +66,7 @@ class StageOverlays(L.Callback):
 
     def __init__(self, num_images: int = 8, scale: int = 3, final_label: str = "after GAM"):
         if num_images < 1 or scale < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"StageOverlays: num_images and scale must be >= 1, got {num_images}, {scale}"
             )
         self.num_images, self.scale, self.final_label = num_images, scale, final_label

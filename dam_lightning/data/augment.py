@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dam_lightning.errors import DataError
+
 
 class RandomAffine(nn.Module):
     """Warp every image of a batch by its own random zoom, rotation and shift.
@@ -49,9 +51,9 @@ class RandomAffine(nn.Module):
         super().__init__()
         low, high = zoom
         if not 0 < low <= high:
-            raise ValueError(f"zoom must be a range (low, high) with 0 < low <= high, got {zoom}")
+            raise DataError(f"zoom must be a range (low, high) with 0 < low <= high, got {zoom}")
         if degrees < 0 or shift < 0:
-            raise ValueError(f"degrees and shift must be >= 0, got {degrees} and {shift}")
+            raise DataError(f"degrees and shift must be >= 0, got {degrees} and {shift}")
         self.zoom = (float(low), float(high))
         self.degrees = float(degrees)
         self.shift = float(shift)

@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 from dam_lightning.data.attributes import dataset_attribute
 from dam_lightning.data.few_shot import FewShot
+from dam_lightning.errors import ConfigError, WrongTypeError
 
 DOMAINS = ("source", "target")
 
@@ -50,7 +51,7 @@ def input_of(item, dataset=None) -> torch.Tensor:
         return item[0]
     while isinstance(dataset, (Subset, Unlabelled)):  # name the dataset of the config
         dataset = dataset.dataset
-    raise TypeError(
+    raise WrongTypeError(
         f"{dataset!r} returned a {type(item).__name__} item; a domain-adaptation dataset must "
         "return an image tensor or an (image, label) tuple or list"
     )
@@ -80,7 +81,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+            raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
         self.size, self.seed = size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self._passes = 0, 0
@@ -186,7 +187,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         source_names = dataset_attribute(self.source, "classes")
         target_names = dataset_attribute(self.target, "classes")
         if None not in (source_names, target_names) and list(source_names) != list(target_names):
-            raise ValueError(
+            raise ConfigError(
                 "data.few_shot trains on target labels, but the target set's classes are not "
                 "the source set's, under whose names the metrics are reported: target "
                 f"{list(target_names)}, source {list(source_names)}"
@@ -204,7 +205,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         domains = getattr(module, "train_domains", DOMAINS)
         if stage == "fit" and self.few_shot is not None and "target" in domains:
-            raise ValueError(
+            raise ConfigError(
                 f"data.few_shot fine-tunes a SourceModule on {self.few_shot} labelled target "
                 f"images; {type(module).__name__} trains on the source and target domains and "
                 "would take those images for its source domain. Use a *_source.yaml config "
@@ -215,10 +216,10 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         for role in ("source", "target", "target_val", "source_val", "target_test"):
             dataset = getattr(self, role)
             if dataset is not None and len(dataset) == 0:
-                raise ValueError(f"the {role} dataset ({dataset!r}) is empty")
+                raise ConfigError(f"the {role} dataset ({dataset!r}) is empty")
         counts = {r: _num_classes(getattr(self, r)) for r in ("source", "target", "target_val")}
         if len({c for c in counts.values() if c is not None}) > 1:
-            raise ValueError(f"the datasets disagree on the number of classes: {counts}")
+            raise ConfigError(f"the datasets disagree on the number of classes: {counts}")
 
     @property
     def task(self) -> str:
@@ -243,7 +244,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         """Number of classes, read from the source dataset's ``num_classes``."""
         n = _num_classes(self.source)
         if n is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the source dataset {self.source!r} has no num_classes attribute; "
                 "set model.init_args.num_classes explicitly"
             )
@@ -319,7 +320,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             for i in order[b * batch_size : (b + 1) * batch_size].tolist()
         ]
         if not indices:
-            raise ValueError(
+            raise ConfigError(
                 f"no {domain} calibration batch for rank {rank}: the {domain} set has "
                 f"{len(dataset)} images, fewer than world_size x batch size"
             )
@@ -343,9 +344,9 @@ def _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers) ->
              "eval_batch_size": eval_batch_size}  # fmt: skip
     for name, value in sizes.items():
         if value is not None and (isinstance(value, bool) or value < 1):
-            raise ValueError(f"data.{name} must be a positive number of images, got {value}")
+            raise ConfigError(f"data.{name} must be a positive number of images, got {value}")
     if num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
 
 
 def _num_classes(dataset: Dataset | None) -> int | None:

@@ -23,6 +23,7 @@ from dam_lightning.data.labels import (
     DIGIT_SCENE_PALETTE,
     IGNORE_INDEX,
 )
+from dam_lightning.errors import DataError
 
 __all__ = ["DigitScenes"]
 
@@ -88,7 +89,7 @@ class DigitScenes(Dataset):
         self.digits, self.split, self.appearance, self.size = digits, split, appearance, size
         self.pool = split_indices(len(digits), split, split_seed)
         if len(self.pool) == 0:
-            raise ValueError(f"DigitScenes: {digits!r} has no images for split {split!r}")
+            raise DataError(f"DigitScenes: {digits!r} has no images for split {split!r}")
         # The scenes of the splits differ even with one seed; the images of a split do not
         # depend on the appearance, so "render" and "camera" scenes share their layouts.
         rng = np.random.default_rng([seed, list(SPLIT_CODES).index(split)])
@@ -158,21 +159,21 @@ def split_indices(n: int, split: Split, split_seed: int = 0) -> np.ndarray:
 
 def _check_arguments(num_scenes, split, appearance, size, digits_per_scene, digit_size) -> None:
     if num_scenes < 1:
-        raise ValueError(f"DigitScenes: num_scenes must be at least 1, got {num_scenes}")
+        raise DataError(f"DigitScenes: num_scenes must be at least 1, got {num_scenes}")
     if split not in SPLIT_CODES:
-        raise ValueError(f"DigitScenes: split must be one of {SPLIT_CODES}, got {split!r}")
+        raise DataError(f"DigitScenes: split must be one of {SPLIT_CODES}, got {split!r}")
     if appearance not in ("render", "camera"):
-        raise ValueError(
+        raise DataError(
             f"DigitScenes: appearance must be 'render' or 'camera', got {appearance!r}"
         )
     low, high = digit_size
     if not 8 <= low <= high <= size:
-        raise ValueError(
+        raise DataError(
             f"DigitScenes: digit_size {tuple(digit_size)} must satisfy 8 <= low <= high <= "
             f"size ({size})"
         )
     if not 1 <= digits_per_scene[0] <= digits_per_scene[1]:
-        raise ValueError(
+        raise DataError(
             f"DigitScenes: digits_per_scene {tuple(digits_per_scene)} must be (low, high) with "
             "1 <= low <= high"
         )

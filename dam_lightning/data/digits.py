@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dam_lightning.data.labels import DIGIT_CLASSES
+from dam_lightning.errors import DataError, MissingFileError, SetupError
 
 __all__ = ["MNIST", "USPS", "DigitDataset", "SynDigits", "UCIDigits"]
 
@@ -36,7 +37,7 @@ class DigitDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor, split: str):
         if images.shape[1:] != (1, 28, 28) or len(images) != len(labels):
-            raise ValueError(
+            raise DataError(
                 f"{type(self).__name__}: images {tuple(images.shape)} and labels "
                 f"{tuple(labels.shape)} must be (N, 1, 28, 28) and (N,)"
             )
@@ -63,7 +64,7 @@ class DigitDataset(Dataset):
 
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
 
 
 # ---- MNIST ---------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class MNIST(DigitDataset):
             found = _find_mnist(folders, split)
         if found is None:
             files = " and ".join(f"{name}[.gz]" for name in _MNIST_FILES[split])
-            raise FileNotFoundError(
+            raise MissingFileError(
                 _missing_digits("MNIST", split, folders, files, folders[1], failure)
             )
         image_file, label_file = found
@@ -134,25 +135,25 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as err:  # a damaged gzip stream
-        raise ValueError(f"{path} cannot be decompressed ({err}); re-download the file") from err
+        raise DataError(f"{path} cannot be decompressed ({err}); re-download the file") from err
     ndim = 3 if magic == _IDX_IMAGES else 1
     header = 4 * (1 + ndim)
     if len(data) < header:
-        raise ValueError(
+        raise DataError(
             f"{path} is {len(data)} bytes, shorter than the {header}-byte idx header; "
             "re-download the file"
         )
     found_magic, *dims = np.frombuffer(data, dtype=">u4", count=1 + ndim).tolist()
     if found_magic != magic:
         kind = "images (2051)" if magic == _IDX_IMAGES else "labels (2049)"
-        raise ValueError(
+        raise DataError(
             f"{path}: idx magic number {found_magic}, expected {magic} for {kind}; "
             "check the file name, or re-download the file"
         )
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         unpacked = " (decompressed)" if path.suffix == ".gz" else ""
-        raise ValueError(
+        raise DataError(
             f"{path} is {len(data)} bytes{unpacked} but its header {dims} needs {expected} "
             "bytes: the file is truncated or has trailing data; re-download the file"
         )
@@ -161,18 +162,18 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 def _check_mnist(images: np.ndarray, labels: np.ndarray, image_file: Path, label_file: Path):
     if images.shape[1:] != (28, 28):
-        raise ValueError(
+        raise DataError(
             f"{image_file}: images are {images.shape[1]}x{images.shape[2]}, MNIST's are 28x28; "
             "is it an MNIST file? Re-download the file"
         )
     if len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels: "
             "the two files are from different downloads; re-download both"
         )
     bad = np.flatnonzero(labels > 9)  # uint8, so never below 0
     if len(bad):
-        raise ValueError(
+        raise DataError(
             f"{label_file}: label {labels[bad[0]]} at index {bad[0]} is not a digit 0..9; "
             "re-download the file"
         )
@@ -272,7 +273,7 @@ class USPS(DigitDataset):
             path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             folders = [c.parent for c in candidates]
-            raise FileNotFoundError(_missing_digits("USPS", split, folders, name, root, failure))
+            raise MissingFileError(_missing_digits("USPS", split, folders, name, root, failure))
         pixels, labels = _read_libsvm(path)
         images = torch.from_numpy((pixels + 1.0) / 2.0).view(-1, 1, 16, 16)
         images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
@@ -284,10 +285,10 @@ def _read_libsvm(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         text = bz2.decompress(path.read_bytes()).decode("ascii")
     except (OSError, EOFError, ValueError) as err:  # not bz2, cut short, or not text
-        raise ValueError(f"{path} is not a readable bz2 text file ({err}); re-download it") from err
+        raise DataError(f"{path} is not a readable bz2 text file ({err}); re-download it") from err
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        raise ValueError(f"{path} holds no samples; re-download it")
+        raise DataError(f"{path} holds no samples; re-download it")
     pixels = np.zeros((len(lines), _USPS_PIXELS), dtype=np.float32)
     labels = np.zeros(len(lines), dtype=np.int64)
     for row, (number, line) in enumerate(lines):
@@ -302,11 +303,11 @@ def _parse_libsvm_line(line: str, where: str) -> tuple[int, np.ndarray, np.ndarr
     fix = "the file is corrupt; re-download it"
     label = _parse_int(label_token, where, fix)
     if not 1 <= label <= 10:
-        raise ValueError(f"{where}: label {label} is outside 1..10 (digits 0..9); {fix}")
+        raise DataError(f"{where}: label {label} is outside 1..10 (digits 0..9); {fix}")
     split_pairs = [pair.split(":") for pair in pairs]
     if any(len(p) != 2 for p in split_pairs):
         bad = next(pair for pair, p in zip(pairs, split_pairs, strict=True) if len(p) != 2)
-        raise ValueError(f"{where}: {bad!r} is not an index:value pair; {fix}")
+        raise DataError(f"{where}: {bad!r} is not an index:value pair; {fix}")
     index_tokens = [p[0] for p in split_pairs]
     value_tokens = [p[1] for p in split_pairs]
     # numpy converts a whole list of strings at once; only a line it rejects is converted token
@@ -319,13 +320,13 @@ def _parse_libsvm_line(line: str, where: str) -> tuple[int, np.ndarray, np.ndarr
         values = np.array([_parse_float(t, where, fix) for t in value_tokens], dtype=np.float64)
     bad = np.flatnonzero((indices < 1) | (indices > _USPS_PIXELS))
     if len(bad):
-        raise ValueError(
+        raise DataError(
             f"{where}: pixel index {indices[bad[0]]} is outside 1..{_USPS_PIXELS}; {fix}"
         )
     limit = 1.0 + _USPS_TOLERANCE
     bad = np.flatnonzero(~((values >= -limit) & (values <= limit)))  # NaN fails both
     if len(bad):
-        raise ValueError(f"{where}: pixel value {value_tokens[bad[0]]} is outside [-1, 1]; {fix}")
+        raise DataError(f"{where}: pixel value {value_tokens[bad[0]]} is outside [-1, 1]; {fix}")
     return label, indices, values
 
 
@@ -333,14 +334,14 @@ def _parse_int(token: str, where: str, fix: str) -> int:
     try:
         return int(token)
     except ValueError:
-        raise ValueError(f"{where}: cannot parse {token!r} as an integer; {fix}") from None
+        raise DataError(f"{where}: cannot parse {token!r} as an integer; {fix}") from None
 
 
 def _parse_float(token: str, where: str, fix: str) -> float:
     try:
         return float(token)
     except ValueError:
-        raise ValueError(f"{where}: cannot parse {token!r} as a number; {fix}") from None
+        raise DataError(f"{where}: cannot parse {token!r} as a number; {fix}") from None
 
 
 def _download_usps(root: Path, split: str) -> str | None:
@@ -389,7 +390,7 @@ class SynDigits(DigitDataset):
 
     def __init__(self, num_samples: int = 10000, seed: int = 0):
         if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+            raise DataError(f"num_samples must be at least 1, got {num_samples}")
         fonts = _digit_fonts()
         rng = np.random.default_rng(seed)
         labels = rng.permutation(np.arange(num_samples) % 10)
@@ -468,7 +469,7 @@ def _digit_fonts() -> tuple[tuple[str, float], ...]:
             heights = [font.getbbox(digit)[3] - font.getbbox(digit)[1] for digit in "0123456789"]
             usable.append((str(path), float(np.median(heights)) / 48))
     if not usable:
-        raise RuntimeError(
+        raise SetupError(
             f"no font in {folder} draws the digits 0-9, so SynDigits cannot render; reinstall "
             "matplotlib (its fonts/ttf folder ships DejaVu Sans)"
         )

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dam_lightning.data.attributes import dataset_attribute
+from dam_lightning.errors import DataError, WrongTypeError
 
 METADATA = ("num_classes", "task", "classes", "class_subsets", "palette", "label_ids", "labelled")
 """Attributes of the wrapped dataset that ``FewShot`` answers for it (what the data module, the
@@ -56,7 +57,7 @@ class FewShot(Dataset):
         size = len(dataset)
         _check_counts(num_images, length, size)
         if dataset_attribute(dataset, "labelled", True) is False:
-            raise ValueError(
+            raise DataError(
                 f"FewShot needs labelled images, but {dataset!r} is unlabelled; "
                 "build it with labelled=True (from a config: --data.target.init_args.labelled "
                 "true)"
@@ -103,15 +104,15 @@ class FewShot(Dataset):
 def _check_counts(num_images, length, size: int) -> None:
     """Refuse a number of images the dataset cannot give, naming the value, the size and the fix."""
     if isinstance(num_images, bool) or not isinstance(num_images, int):
-        raise TypeError(f"num_images must be a whole number of images, got {num_images!r}")
+        raise WrongTypeError(f"num_images must be a whole number of images, got {num_images!r}")
     if not 1 <= num_images <= size:
-        raise ValueError(
+        raise DataError(
             f"num_images={num_images} but the dataset has {size} images: choose 1 <= num_images "
             f"<= {size} (N = 0, no fine-tuning, is the starting network itself: validate its "
             "checkpoint with the config that trained it)"
         )
     if length is not None and (isinstance(length, bool) or length < num_images):
-        raise ValueError(
+        raise DataError(
             f"length={length} is shorter than num_images={num_images}: some chosen images would "
             f"never be served; pass length >= {num_images} (default: len(dataset) = {size})"
         )

@@ -28,6 +28,7 @@ from dam_lightning.data.segmentation import (
     folder_pairs,
 )
 from dam_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dam_lightning.errors import DataError
 
 __all__ = ["GTA5"]
 
@@ -89,7 +90,7 @@ class GTA5(SegmentationDataset):
         std: tuple[float, float, float] = IMAGENET_STD,
     ):
         if size_mismatch not in ("resize", "skip", "error"):
-            raise ValueError(
+            raise DataError(
                 f"GTA5: size_mismatch must be 'resize', 'skip' or 'error', got {size_mismatch!r}"
             )
         root = check_root(root, "GTA5", "data.source.init_args.root", "images/ and labels/")
@@ -132,7 +133,7 @@ def _size_policy(images: list[Path], labels: list[Path], policy: SizeMismatch) -
     )
     count = f"{len(mismatched)} of {len(images)} pairs differ in size"
     if policy == "error":
-        raise ValueError(
+        raise DataError(
             f'GTA5 label {first} ({count}); pass size_mismatch="resize" to resize such labels '
             'with nearest neighbour, or size_mismatch="skip" to drop those pairs'
         )

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
+from dam_lightning.errors import DataError
+
 
 class LabelShift(Dataset):
     """Remove ``fraction`` of the images of the odd (or even) classes of ``dataset``.
@@ -30,9 +32,9 @@ class LabelShift(Dataset):
         seed: int = 0,
     ):
         if drop not in ("odd", "even"):
-            raise ValueError(f"drop must be 'odd' or 'even', got {drop!r}")
+            raise DataError(f"drop must be 'odd' or 'even', got {drop!r}")
         if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+            raise DataError(f"fraction must be in [0, 1], got {fraction}")
         self.dataset, self.drop, self.fraction = dataset, drop, fraction
         self.num_classes = getattr(dataset, "num_classes", None)
         self.indices = self._kept_indices(seed)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from dam_lightning.errors import DataError
+
 DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 """The ten digit classes shared by MNIST, USPS, SynDigits and UCIDigits; index == digit."""
 
@@ -83,7 +85,7 @@ def lookup_table(mapping: Mapping[int, int], size: int = 256, fill: int = IGNORE
     table = torch.full((size,), fill, dtype=torch.int64)
     for key, value in mapping.items():
         if not 0 <= key < size:
-            raise ValueError(f"id {key} does not fit a {size}-entry lookup table")
+            raise DataError(f"id {key} does not fit a {size}-entry lookup table")
         table[key] = value
     return table
 
@@ -109,7 +111,7 @@ def class_indices(subset: tuple[str, ...] | list[str], classes: tuple[str, ...])
     """
     unknown = [name for name in subset if name not in classes]
     if unknown:
-        raise ValueError(f"unknown class names {unknown}; the classes are {list(classes)}")
+        raise DataError(f"unknown class names {unknown}; the classes are {list(classes)}")
     return [classes.index(name) for name in subset]
 
 

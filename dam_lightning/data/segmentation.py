@@ -31,6 +31,7 @@ from dam_lightning.data.transforms import (
     SegmentationTransform,
     resize_mask,
 )
+from dam_lightning.errors import DataError, MissingFileError
 
 __all__ = [
     "DecodeError",
@@ -119,18 +120,18 @@ class SegmentationDataset(Dataset):
     ):
         cls = type(self).__name__
         if label_size not in ("input", "native"):
-            raise ValueError(f"{cls}: label_size must be 'input' or 'native', got {label_size!r}")
+            raise DataError(f"{cls}: label_size must be 'input' or 'native', got {label_size!r}")
         self.images = [Path(p) for p in images]
         self.labels = [Path(p) for p in labels] if labelled and labels is not None else None
         if labelled and self.labels is None:
-            raise ValueError(f"{cls}: labelled=True needs label files; pass labelled=False")
+            raise DataError(f"{cls}: labelled=True needs label files; pass labelled=False")
         if self.labels is not None and len(self.labels) != len(self.images):
-            raise ValueError(
+            raise DataError(
                 f"{cls}: {len(self.images)} images but {len(self.labels)} labels were given"
             )
         self.names = list(names) if names is not None else [p.stem for p in self.images]
         if len(self.names) != len(self.images):
-            raise ValueError(f"{cls}: {len(self.images)} images but {len(self.names)} names")
+            raise DataError(f"{cls}: {len(self.images)} images but {len(self.names)} names")
         self.split, self.labelled, self.label_size = split, labelled, label_size
         self.transform = SegmentationTransform(
             size,
@@ -212,7 +213,7 @@ class SegmentationDataset(Dataset):
         except DecodeError as err:
             raise decode_error(path, err) from err
         if values.ndim != 2:
-            raise ValueError(
+            raise DataError(
                 f"{path} is a {values.shape[-1]}-channel image, not a single-channel id PNG: "
                 f"{self.label_hint}"
             )
@@ -224,7 +225,7 @@ class SegmentationDataset(Dataset):
         """``label`` unchanged if its largest value is at most ``max_label_id``, else raise."""
         peak = int(label.max())
         if peak > self.max_label_id:
-            raise ValueError(
+            raise DataError(
                 f"{path} holds the value {peak}, which is not a {type(self).__name__} label id "
                 f"(0..{self.max_label_id}): {self.label_hint}"
             )
@@ -233,7 +234,7 @@ class SegmentationDataset(Dataset):
     def _match_image_size(self, label: Tensor, image: Tensor, label_file: Path, image_file: Path):
         if self.size_mismatch == "resize":
             return resize_mask(label, image.shape[-2:]).as_subclass(Tensor)
-        raise ValueError(
+        raise DataError(
             f"label {label_file} is {_wxh(label.shape)} but its image {image_file} is "
             f"{_wxh(image.shape[-2:])}: the pair does not match; re-extract the dataset"
         )
@@ -252,9 +253,9 @@ def _wxh(shape: Sequence[int]) -> str:
     return f"{shape[-1]}x{shape[-2]}"
 
 
-def decode_error(path: Path, err: Exception) -> ValueError:
+def decode_error(path: Path, err: Exception) -> DataError:
     """The error to raise (from ``err``) when ``path`` cannot be decoded: names file and fix."""
-    return ValueError(
+    return DataError(
         f"{path} cannot be decoded ({type(err).__name__}: {err}): the file is corrupt or "
         "truncated; re-download or re-extract it"
     )
@@ -267,7 +268,7 @@ def check_root(root: str | Path, dataset: str, config_key: str, layout: str) -> 
     """``root`` as a Path, refusing a missing folder with the config key that probably sets it."""
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{dataset} root {str(root)!r} is not a folder. Set the dataset's root in the config "
             f"(e.g. {config_key}) to the folder that holds {layout}"
         )
@@ -285,9 +286,9 @@ def files_by_name(root: Path, pattern: str, suffix: str, keep_folder: bool = Fal
     return files
 
 
-def no_files_error(dataset: str, root: Path, pattern: str, fix: str) -> FileNotFoundError:
+def no_files_error(dataset: str, root: Path, pattern: str, fix: str) -> MissingFileError:
     """The error for an empty listing: names the glob pattern searched and the fix."""
-    return FileNotFoundError(f"{dataset}: no files match {root / pattern}; {fix}")
+    return MissingFileError(f"{dataset}: no files match {root / pattern}; {fix}")
 
 
 def select_names(files: dict[str, Path], split_file: str | Path, digits: int, dataset: str):
@@ -296,7 +297,7 @@ def select_names(files: dict[str, Path], split_file: str | Path, digits: int, da
     comment. Refuses names with no file."""
     path = Path(split_file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{dataset}: split_file {str(split_file)!r} is not a file")
+        raise MissingFileError(f"{dataset}: split_file {str(split_file)!r} is not a file")
     wanted = []
     for line in path.read_text().splitlines():
         entry = line.split("#", 1)[0].strip()
@@ -305,12 +306,12 @@ def select_names(files: dict[str, Path], split_file: str | Path, digits: int, da
             wanted.append(stem.zfill(digits) if stem.isdigit() else stem)
     missing = [name for name in wanted if name not in files]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{dataset}: {len(missing)} of the {len(wanted)} names in {path} have no image "
             f"(first: {', '.join(missing[:5])}); fix the split file or restore those images"
         )
     if not wanted:
-        raise ValueError(f"{dataset}: split_file {path} lists no names")
+        raise DataError(f"{dataset}: split_file {path} lists no names")
     return {name: files[name] for name in sorted(set(wanted))}
 
 
@@ -334,7 +335,7 @@ def pair_by_name(
         if no_image:
             shown = ", ".join(str(labels[n]) for n in no_image[:3])
             parts.append(f"{len(no_image)} of {len(labels)} labels have no image (first: {shown})")
-        raise ValueError(
+        raise DataError(
             f"{dataset}: {'; '.join(parts)}. Images are {image_pattern} and labels "
             f"{label_pattern}, paired by name. {fix}"
         )

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dam_lightning.data.labels import IGNORE_INDEX
+from dam_lightning.errors import DataError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationTransform", "resize_mask"]
 
@@ -68,17 +69,17 @@ class SegmentationTransform:
         self.crop_size = _pair("crop_size", crop_size) or self.size
         low, high = (float(v) for v in scale_range)
         if not 0 < low <= high:
-            raise ValueError(
+            raise DataError(
                 f"scale_range {tuple(scale_range)} must be (low, high) with 0 < low <= high, "
                 "e.g. (0.5, 1.5)"
             )
         if train_augment and not resize_mask:
-            raise ValueError(
+            raise DataError(
                 "train_augment=True crops image and mask together, so the mask cannot stay at "
                 "its native size: use label_size='input' for training sets"
             )
         if train_augment and self.crop_size is None:
-            raise ValueError("train_augment=True with size=None needs a crop_size=(H, W)")
+            raise DataError("train_augment=True with size=None needs a crop_size=(H, W)")
         self.train_augment, self.resize_mask = train_augment, resize_mask
         self.scale_range = (low, high)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
@@ -158,5 +159,5 @@ def _pair(name: str, value: Sequence[int] | None) -> tuple[int, int] | None:
         return None
     pair = tuple(int(v) for v in value)
     if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be (height, width) with positive ints, got {value!r}")
+        raise DataError(f"{name} must be (height, width) with positive ints, got {value!r}")
     return pair

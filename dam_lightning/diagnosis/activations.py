@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dam_lightning.diagnosis.discriminability import pool_channels
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching import hooks
 from dam_lightning.matching.hooks import DIAGNOSED, eval_mode, forward_hooks
 from dam_lightning.matching.statistics import (
@@ -121,7 +122,7 @@ def execution_order(
         order, output_layer = hooks.execution_order(net, modules, example, DIAGNOSED)
     missing = [name for name in layers if name not in order]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"layers {missing} of {type(net).__name__} did not run in a forward pass; "
             "diagnose only layers the forward pass runs"
         )
@@ -182,7 +183,7 @@ def record_activations(
         return hook
 
     if fit_layers and len(fit_masks) != len(batches):
-        raise ValueError(f"{len(fit_masks)} fit masks for {len(batches)} batches")
+        raise ConfigError(f"{len(fit_masks)} fit masks for {len(batches)} batches")
     device = device_of(net)
     with forward_hooks(modules, record), torch.no_grad(), eval_mode(net):
         for index, x in enumerate(batches):

@@ -22,6 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
+from dam_lightning.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Discriminability:
@@ -66,10 +68,10 @@ def holdout_split(count: int, holdout: float, seed: int) -> tuple[Tensor, Tensor
         (7, 3, True)
     """
     if not 0 < holdout < 1:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout}")
+        raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout}")
     held_out = round(count * holdout)
     if held_out < 1 or held_out >= count:
-        raise ValueError(
+        raise ConfigError(
             f"{count} calibration images cannot be split into a training and a held-out part "
             f"with holdout={holdout}: give at least 2 images per domain (more calibration "
             "batches)"
@@ -117,7 +119,7 @@ def discriminability(
         True
     """
     if probe not in PROBES:
-        raise ValueError(f"unknown probe {probe!r}: use 'kernel' or 'linear'")
+        raise ConfigError(f"unknown probe {probe!r}: use 'kernel' or 'linear'")
     _check_features(source_features, target_features)
     source_train, source_test = holdout_split(len(source_features), holdout, seed)
     target_train, target_test = holdout_split(len(target_features), holdout, seed)
@@ -164,7 +166,7 @@ def _blas_threads() -> ThreadpoolController:
 
 def _check_features(source: Tensor, target: Tensor) -> None:
     if source.dim() != 2 or target.dim() != 2 or source.shape[1] != target.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"source features {tuple(source.shape)} and target features {tuple(target.shape)} "
             "must be (N, C) with the same C: pool the activations with pool_channels first"
         )

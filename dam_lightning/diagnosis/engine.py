@@ -27,6 +27,7 @@ from dam_lightning.diagnosis.activations import (
 from dam_lightning.diagnosis.discriminability import discriminability, holdout_split
 from dam_lightning.diagnosis.recommend import recommend_layers
 from dam_lightning.diagnosis.result import ChannelHistogram, Diagnosis, LayerDiagnosis
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching.gaussian import foldable_layers, gaussian_match
 from dam_lightning.matching.statistics import mean_gap, std_gap
 from dam_lightning.matching.taps import OUTPUT, resolve_layer
@@ -208,7 +209,7 @@ def diagnose_datamodule(
         (20, 2)
     """
     if calibration_batches < 1:
-        raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        raise ConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
     source = datamodule.calibration_batches("source", calibration_batches)
     target = datamodule.calibration_batches("target", calibration_batches)
     diagnosis = diagnose(source_net, source, target, **options)
@@ -284,21 +285,21 @@ class _OnDevice(Sequence):
 
 def _check_options(holdout, histogram_channels, histogram_values, bands) -> None:
     if not 0 < holdout < 1:
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout}")
+        raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout}")
     for name, value, least in (
         ("histogram_channels", histogram_channels, 0),
         ("histogram_values", histogram_values, 1),
         ("bands", bands, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _checked_batches(source, target) -> tuple[list[Tensor], list[Tensor]]:
     batches = {"source": list(source), "target": list(target)}
     for domain, items in batches.items():
         if not items or not all(isinstance(x, Tensor) and len(x) for x in items):
-            raise ValueError(
+            raise ConfigError(
                 f"diagnose needs non-empty input tensors as {domain} calibration batches, got "
                 f"{[type(x).__name__ for x in items] or 'none'}"
             )
@@ -307,7 +308,7 @@ def _checked_batches(source, target) -> tuple[list[Tensor], list[Tensor]]:
 
 def _unique(names: list[str]) -> list[str]:
     if len(set(names)) != len(names):
-        raise ValueError(f"layer names must be unique, got {names}")
+        raise ConfigError(f"layer names must be unique, got {names}")
     return names
 
 
@@ -315,7 +316,7 @@ def _histogram_layers(choice: int | Sequence[str], order: list[str]) -> list[str
     """The named layers, or ``choice`` layers spread evenly over depth (first and last too)."""
     if isinstance(choice, int):
         if choice < 0:
-            raise ValueError(f"histogram_layers must be >= 0, got {choice}")
+            raise ConfigError(f"histogram_layers must be >= 0, got {choice}")
         count = min(choice, len(order))
         if count == 1:
             return [order[-1]]
@@ -323,7 +324,7 @@ def _histogram_layers(choice: int | Sequence[str], order: list[str]) -> list[str
                                   for i in range(count)))  # fmt: skip
     unknown = [name for name in choice if name not in order]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"histogram_layers {unknown} are not among the diagnosed layers {order}; name "
             "diagnosed layers, or give a number of layers"
         )

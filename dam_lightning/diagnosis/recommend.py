@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from dam_lightning.errors import ConfigError
+
 RULE = """\
 1. The output layer is always matched, with weight 1.0: it is ADDA's layer, and every GAM
    configuration of the paper includes it.
@@ -36,9 +38,9 @@ def recommend_layers(
         {'conv1': 0.75, 'conv3': 1.0, 'logits': 1.0}
     """
     if bands < 0:
-        raise ValueError(f"bands must be >= 0, got {bands}")
+        raise ConfigError(f"bands must be >= 0, got {bands}")
     if output_layer not in a_distance_after:
-        raise ValueError(f"the output layer {output_layer!r} has no A-distance in the diagnosis")
+        raise ConfigError(f"the output layer {output_layer!r} has no A-distance in the diagnosis")
     others = [name for name in depth_order if name != output_layer]
     chosen = []
     for band in _bands(others, bands):

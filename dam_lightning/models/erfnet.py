@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError, MissingFileError
 from dam_lightning.weights import load_network_weights
 
 BATCHNORM_EPS = 1e-3  # as in the original ERFNet
@@ -33,7 +34,7 @@ class DownsamplerBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         if out_channels <= in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"a downsampler needs more output than input channels, got {in_channels} -> "
                 f"{out_channels}: the conv supplies out - in of them (raise ERFNet's width)"
             )
@@ -205,7 +206,7 @@ class ERFNet(nn.Module):
     ):
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+            raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
         channels = _scaled_channels(width)
         self.encoder_only = encoder_only
         self.encoder = ERFNetEncoder(
@@ -232,7 +233,7 @@ class ERFNet(nn.Module):
 def _scaled_channels(width: float) -> tuple[int, int, int]:
     channels = tuple(max(1, round(c * width)) for c in (16, 64, 128))
     if width <= 0 or channels[0] <= 3:
-        raise ValueError(
+        raise ConfigError(
             f"width={width} gives ERFNet channels {channels}; the first downsampler needs more "
             "than 3 (its conv supplies 16*width - 3 of them): use width >= 0.25"
         )
@@ -243,13 +244,13 @@ def _encoder_dropout(dropout: float | None) -> tuple[float, float]:
     if dropout is None:
         return ENCODER_DROPOUT
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}; None keeps 0.03 / 0.3")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}; None keeps 0.03 / 0.3")
     return dropout, dropout
 
 
 def _check_input(x: Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] % OUTPUT_STRIDE or x.shape[3] % OUTPUT_STRIDE:
-        raise ValueError(
+        raise ConfigError(
             f"ERFNet takes normalised RGB images (N, 3, H, W) with H and W multiples of "
             f"{OUTPUT_STRIDE}, got shape {tuple(x.shape)}; crop, pad or resize them "
             "(e.g. to 512x1024)"
@@ -270,7 +271,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{type(net).__name__} weights file {path} does not exist; pass the path of a "
             "state dict or of a SourceModule/GAM checkpoint, or weights=None"
         )

@@ -12,6 +12,7 @@ import torch  # noqa: F401 (the doctests use it)
 from torch import Tensor, nn
 
 from dam_lightning import weights
+from dam_lightning.errors import ConfigError, MissingFileError
 from dam_lightning.weights import strip_prefix
 
 ARCHITECTURES = (
@@ -92,7 +93,7 @@ def build_torchvision_model(arch: str, num_classes: int) -> nn.Module:
         'FCNHead'
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"unknown arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
     from torchvision.models import segmentation  # a second of import time: only when used
 
     builder = getattr(segmentation, arch)
@@ -137,7 +138,7 @@ def read_state_dict(path: str | os.PathLike, setting: str = "weights") -> dict[s
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{setting} file {path} does not exist; pass the path of a local state dict or "
             "checkpoint (torchvision downloads are never made here), or None"
         )
@@ -149,6 +150,6 @@ def _load_strict(module: nn.Module, state: dict[str, Tensor], path, hint: str) -
         module.load_state_dict(state)
     except RuntimeError as err:
         first_lines = "; ".join(str(err).splitlines()[:3])
-        raise ValueError(
+        raise ConfigError(
             f"{os.fspath(path)} does not fit {type(module).__name__} ({hint}): {first_lines}"
         ) from err

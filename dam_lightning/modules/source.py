@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from dam_lightning.errors import MissingFileError
 from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
 from dam_lightning.modules.task import TaskName
 from dam_lightning.weights import load_network_weights
@@ -149,7 +150,7 @@ def load_initial_weights(net: nn.Module, path: str) -> str:
     ``init_weights``; returns where the file came from. A missing file gets advice of its own
     (no stage-1 config publishes fine-tuning weights)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"init_weights: {path} does not exist; pass the checkpoint of a finished run, e.g. "
             "runs/<experiment>/<date>_<time>/checkpoints/last.ckpt or "
             "runs/<name>_source/source.ckpt"

@@ -18,6 +18,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from dam_lightning.data.labels import IGNORE_INDEX
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching import eval_mode
 from dam_lightning.metrics import SegmentationMetrics, class_accuracy
 
@@ -70,9 +71,9 @@ class Task:
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(class_names)} class names for num_classes={num_classes}: {list(class_names)}"
             )
         self.num_classes = num_classes
@@ -110,7 +111,7 @@ class Task:
         if labels.numel() and not bool(valid.all()):
             bad = labels[~valid][0].item()
             ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore} "
                 f"(num_classes={self.num_classes}); labels must be class indices counted from 0 "
                 "(e.g. remap 1..10 to 0..9), or the dataset's num_classes is wrong"
@@ -207,7 +208,7 @@ class SegmentationTask(Task):
         super().__init__(num_classes, class_names)
         self.class_subsets = {k: tuple(v) for k, v in (class_subsets or {}).items()}
         if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"class_weights has {len(class_weights)} entries for {num_classes} classes"
             )
         self.class_weights = None if class_weights is None else torch.tensor(class_weights)
@@ -256,8 +257,8 @@ def make_task(
     """
     if task == "classification":
         if class_subsets or class_weights:
-            raise ValueError("class_subsets and class_weights are for segmentation only")
+            raise ConfigError("class_subsets and class_weights are for segmentation only")
         return ClassificationTask(num_classes, class_names)
     if task == "segmentation":
         return SegmentationTask(num_classes, class_names, class_subsets, class_weights)
-    raise ValueError(f"unknown task {task!r}: use 'classification' or 'segmentation'")
+    raise ConfigError(f"unknown task {task!r}: use 'classification' or 'segmentation'")
