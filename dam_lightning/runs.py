@@ -18,7 +18,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dam_lightning.weights import checkpoint_origin, read_weights_file  # noqa: F401 (re-export)
 
 RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
 """Set by rank 0 before Lightning starts the other processes of a run on this machine, which
@@ -158,12 +157,6 @@ class RunFolder(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A resumed run keeps its own new folder; where it came from is in its log."""
-
-
-def load_checkpoint(path: str, what: str) -> dict:
-    """``dam_lightning.weights.read_weights_file(path, what)``, for callers written before that
-    module existed; new code calls it directly."""
-    return read_weights_file(path, what)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -25,12 +25,13 @@ from torch import Tensor
 
 from dam_lightning.callbacks.predictions import default_palette
 from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_image
-from dam_lightning.data.datamodule import dataset_attribute
+from dam_lightning.data.attributes import dataset_attribute
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import resize_mask
 from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import eval_mode
 from dam_lightning.metrics import class_accuracy, segmentation_scores
+from dam_lightning.modules.base import EvaluatingModule
 
 __all__ = [
     "ValidationDashboard",
@@ -206,12 +207,11 @@ class ValidationDashboard(L.Callback):
         self._shown: list[tuple[Tensor, Tensor, str]] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for attribute in ("task", "val_metrics", "eval_net"):
-            if not hasattr(pl_module, attribute):
-                raise WrongTypeError(
-                    f"ValidationDashboard needs a dam_lightning module (EvaluatingModule); "
-                    f"{type(pl_module).__name__} has no {attribute}"
-                )
+        if not isinstance(pl_module, EvaluatingModule):
+            raise WrongTypeError(
+                "ValidationDashboard needs a dam_lightning module (EvaluatingModule: it reads "
+                f"its task, val_metrics and eval_net), not {type(pl_module).__name__}"
+            )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_validation_end, not on_validation_epoch_end: callbacks run before the module's

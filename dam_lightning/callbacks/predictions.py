@@ -31,6 +31,7 @@ from dam_lightning.data.labels import (
     lookup_table,
 )
 from dam_lightning.errors import ConfigError, WrongTypeError
+from dam_lightning.modules.base import EvaluatingModule
 from dam_lightning.runs import run_directory
 
 __all__ = ["PredictionWriter", "distinct_palette"]
@@ -317,7 +318,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def _segmentation_tables(self, view, pl_module, dataloader_idx: int) -> _SegmentationTables:
         if dataloader_idx not in self._tables:
-            module_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+            module_classes = (
+                pl_module.task.num_classes if isinstance(pl_module, EvaluatingModule) else None
+            )
             self._tables[dataloader_idx] = _SegmentationTables(view, module_classes)
         return self._tables[dataloader_idx]
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError
+
 GANKind = Literal["vanilla", "lsgan"]
 
 
@@ -94,7 +96,7 @@ def discriminator_for(
         return PatchDiscriminator(
             activation_shape[1], tuple(activation_shape[2:]), width=patch_width
         )
-    raise ValueError(
+    raise ConfigError(
         f"no discriminator for activations of shape {tuple(activation_shape)}: tap a layer whose "
         "output is (N, C) or (N, C, H, W)"
     )
@@ -118,7 +120,7 @@ class GANLoss(nn.Module):
     def __init__(self, kind: GANKind = "vanilla"):
         super().__init__()
         if kind not in ("vanilla", "lsgan"):
-            raise ValueError(f"unknown GAN loss {kind!r}: use 'vanilla' or 'lsgan'")
+            raise ConfigError(f"unknown GAN loss {kind!r}: use 'vanilla' or 'lsgan'")
         self.kind = kind
 
     def _towards(self, logits: Tensor, label: float) -> Tensor:

@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError
+
 DriftReduction = Literal["mean_per_tensor", "sum"]
 
 
@@ -32,12 +34,12 @@ def weight_drift(
         0.0
     """
     if reduction not in ("mean_per_tensor", "sum"):
-        raise ValueError(f"unknown drift reduction {reduction!r}: use 'mean_per_tensor' or 'sum'")
+        raise ConfigError(f"unknown drift reduction {reduction!r}: use 'mean_per_tensor' or 'sum'")
     source = dict(source_net.named_parameters())
     terms = []
     for name, theta_t in target_net.named_parameters():
         if name not in source or source[name].shape != theta_t.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"target parameter {name!r} {tuple(theta_t.shape)} has no counterpart of the same "
                 "shape in the source network: the two networks must share one architecture"
             )

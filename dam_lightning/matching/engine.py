@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching.hooks import MATCHED, check_all_ran, execution_order, forward_hooks
 from dam_lightning.matching.statistics import ChannelStats, ChannelStatsAccumulator
 
@@ -175,7 +176,7 @@ class _Lockstep:
     def rendezvous(self, name: str, value: Tensor, on_all):
         """Gather ``value`` from this batch at layer ``name``; return ``on_all(gathered)``."""
         if self.gathered and self.gathered_at != name:
-            raise ValueError(
+            raise ConfigError(
                 f"calibration batches reached different layers ({self.gathered_at!r} and "
                 f"{name!r}) at the same point: the network must run the same matched layers, "
                 "in the same order, for every input"
@@ -185,7 +186,7 @@ class _Lockstep:
         if len(self.gathered) + len(self.finished) == self.count:  # the last batch to arrive
             gathered, self.gathered = self.gathered, []
             if self.finished:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {name!r} ran for {len(gathered)} of {self.count} calibration "
                     "batches: the network must run every matched layer for every input"
                 )
@@ -261,7 +262,7 @@ def _stream_to_layer(net, name, module, batches, plan: MatchingPlan, with_input:
             except _StopForward:
                 pass
     if reached != len(batches):
-        raise ValueError(
+        raise ConfigError(
             f"layer {name!r} ran for {reached} of {len(batches)} calibration batches: the "
             "network must run every matched layer for every input"
         )

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching.engine import layerwise, one_pass
 
 from dam_lightning.matching.hooks import eval_mode
@@ -198,17 +199,17 @@ def gaussian_match(
         (['0', '2'], 0.0)
     """
     if mode not in ("one_pass", "layerwise"):
-        raise ValueError(f"unknown mode {mode!r}: use 'one_pass' or 'layerwise'")
+        raise ConfigError(f"unknown mode {mode!r}: use 'one_pass' or 'layerwise'")
     if batchnorm not in ("fold", "adabn"):
-        raise ValueError(f"unknown batchnorm {batchnorm!r}: use 'fold' or 'adabn'")
+        raise ConfigError(f"unknown batchnorm {batchnorm!r}: use 'fold' or 'adabn'")
     names = list(layers) if layers is not None else foldable_layers(target_net)
     if not names:
-        raise ValueError(
+        raise ConfigError(
             f"no layer to match in {type(target_net).__name__}: name Conv/Linear/BatchNorm "
             "layers in `layers`"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"layer names must be unique, got {names}")
+        raise ConfigError(f"layer names must be unique, got {names}")
     modules = {name: resolve_layer(target_net, name) for name in names}
     for name, module in modules.items():
         _check_matchable(name, module, batchnorm)
@@ -216,14 +217,14 @@ def gaussian_match(
     # read), so that layerwise matching holds one batch on the device at a time.
     calibration = target_batches if isinstance(target_batches, Sequence) else list(target_batches)
     if len(calibration) == 0:
-        raise ValueError("no target calibration batch was given")
+        raise ConfigError("no target calibration batch was given")
 
     with torch.no_grad(), eval_mode(source_net, target_net):
         if source_stats is None:
             source_stats = measure_statistics(source_net, source_batches, names, reduce)
         missing = [name for name in names if name not in source_stats]
         if missing:
-            raise ValueError(f"source_stats has no statistics for layers {missing}")
+            raise ConfigError(f"source_stats has no statistics for layers {missing}")
         plan = MatchingPlan(source_stats, batchnorm, reduce, eps)
         engine = one_pass if mode == "one_pass" else layerwise
         with _restored_on_error(modules.values()):
@@ -260,7 +261,7 @@ class MatchingPlan:
         handle)."""
         expected = _output_channels(module)
         if activation.dim() < 2 or activation.shape[1] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {name!r} ({type(module).__name__}) has {expected} channels but its "
                 f"activation has shape {tuple(activation.shape)}; Gaussian matching needs the "
                 "channels in dim 1, as in (N, C) or (N, C, ...)"
@@ -271,7 +272,7 @@ class MatchingPlan:
         """The source statistics of layer ``name``, on the target statistics' device."""
         source = self.source_stats[name]
         if source.mean.shape != target.mean.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {name!r} has {target.mean.numel()} channels on F_t but the source "
                 f"statistics have {source.mean.numel()}: were source_stats measured on "
                 "another network?"
@@ -374,7 +375,7 @@ def _check_matchable(name: str, module: nn.Module, batchnorm: str) -> None:
     """Refuse, with the fix, a layer whose correction cannot be folded into its parameters."""
     kind = type(module).__name__
     if not isinstance(module, MATCHABLE_LAYERS):
-        raise ValueError(
+        raise ConfigError(
             f"layer {name!r} is a {kind}, which has no weights to fold a correction into; "
             "Gaussian matching corrects Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and "
             "BatchNorm (1d/2d/3d, SyncBatchNorm) layers. To match an activation after a ReLU (or "
@@ -382,24 +383,24 @@ def _check_matchable(name: str, module: nn.Module, batchnorm: str) -> None:
         )
     if isinstance(module, BATCHNORM_LAYERS):
         if batchnorm == "fold" and not module.affine:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchNorm layer {name!r} has affine=False, so there is no gamma/beta to fold "
                 "the correction into; pass batchnorm='adabn', or build it with affine=True"
             )
         if batchnorm == "adabn" and module.running_mean is None:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchNorm layer {name!r} tracks no running statistics "
                 "(track_running_stats=False), so AdaBN has nothing to adapt; pass "
                 "batchnorm='fold' or leave it out of `layers`"
             )
         return
     if module.bias is None:
-        raise ValueError(
+        raise ConfigError(
             f"layer {name!r} ({kind}) has no bias to take the mean correction; build it "
             "with bias=True, or match the BatchNorm that follows it instead"
         )
     if _is_grouped_transposed(module):
-        raise ValueError(
+        raise ConfigError(
             f"layer {name!r} ({kind}) has groups={module.groups}; only transposed "
             "convolutions with groups=1 can be folded: leave it out of `layers`"
         )

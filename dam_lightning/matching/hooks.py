@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError, WrongTypeError
+
 
 @dataclass(frozen=True)
 class HookRole:
@@ -39,17 +41,17 @@ class HookRole:
             >>> MATCHED.one_tensor("fc", nn.Identity(), (1, 2))
             Traceback (most recent call last):
             ...
-            TypeError: layer 'fc' (Identity) returned tuple; a matched layer must return one tensor
+            dam_lightning.errors.WrongTypeError: layer 'fc' (Identity) returned tuple; a matched layer must return one tensor
         """
         if self.channels_in_dim_1:
             if not isinstance(output, Tensor) or output.dim() < 2:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise TypeError(
+                raise WrongTypeError(
                     f"layer {name!r} ({type(module).__name__}) returned {shape}; a {self.word} "
                     "layer must return one tensor with its channels in dim 1, (N, C) or (N, C, ...)"
                 )
         elif not isinstance(output, Tensor):
-            raise TypeError(
+            raise WrongTypeError(
                 f"layer {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
                 f"a {self.word} layer must return one tensor"
             )
@@ -143,7 +145,7 @@ def check_all_ran(modules: Iterable[str], ran: Iterable[str]) -> None:
     ran = set(ran)
     missing = [name for name in modules if name not in ran]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"layers {missing} were not called during the forward pass (or no batch was "
             "given); match only layers the forward pass runs"
         )

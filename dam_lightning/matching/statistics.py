@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError
 from dam_lightning.matching.hooks import MATCHED, check_all_ran, eval_mode, forward_hooks
 from dam_lightning.matching.taps import resolve_layer
 
@@ -68,12 +69,12 @@ class ChannelStatsAccumulator:
     def update(self, activation: Tensor) -> None:
         """Add an activation of shape (N, C, *) to the running sums."""
         if activation.dim() < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"an activation of shape {tuple(activation.shape)} has no channel dim (dim 1)"
             )
         channels = activation.shape[1]
         if self._moments is not None and self._moments.shape[1] != channels:
-            raise ValueError(
+            raise ConfigError(
                 f"activation has {channels} channels but earlier ones had {self._moments.shape[1]}"
             )
         # Two passes in the activation's precision (float32 at least): the per-channel mean,
@@ -98,7 +99,7 @@ class ChannelStatsAccumulator:
         """Statistics of everything seen, after ``reduce`` has summed the stacked
         (count, sum, sum of squares) across processes; var = E[x^2] - E[x]^2 clamped at 0."""
         if self._moments is None:
-            raise ValueError("no activation was accumulated: the batches were empty")
+            raise ConfigError("no activation was accumulated: the batches were empty")
         count, total, squares = reduce(self._moments)
         mean = total / count
         var = (squares / count - mean.square()).clamp_min(0)

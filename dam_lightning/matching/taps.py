@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from dam_lightning.errors import ConfigError, SetupError
 from dam_lightning.matching.hooks import TAPPED, forward_hooks
 
 OUTPUT = "output"
@@ -32,7 +33,7 @@ def resolve_layer(net: nn.Module, name: str) -> nn.Module:
         return net
     if name == "" or name not in modules:
         valid = ", ".join([n for n in modules if n] + [f"{OUTPUT} (the network's output)"])
-        raise ValueError(
+        raise ConfigError(
             f"{type(net).__name__} has no layer named {name!r}. Valid layer names: {valid}"
         )
     return modules[name]
@@ -57,7 +58,7 @@ class ActivationTaps:
         self.net = net
         self.layers = list(layers)
         if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layer names must be unique, got {self.layers}")
+            raise ConfigError(f"layer names must be unique, got {self.layers}")
         self._modules = {name: resolve_layer(net, name) for name in self.layers}
         self._captured: dict[str, Tensor] = {}
 
@@ -74,6 +75,6 @@ class ActivationTaps:
             self.net(x)
         missing = [n for n in self.layers if n not in self._captured]
         if missing:
-            raise RuntimeError(f"layers {missing} were not called during the forward pass")
+            raise SetupError(f"layers {missing} were not called during the forward pass")
         captured, self._captured = self._captured, {}
         return {name: captured[name] for name in self.layers}

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dam_lightning.errors import WrongTypeError
 from dam_lightning.modules.task import TaskName, make_task
 
 NetworkFactory = Callable[[int], nn.Module]
@@ -119,6 +120,6 @@ def _inputs_and_labels(batch) -> tuple[Tensor, Tensor | None]:
         return batch[0], batch[1]
     if isinstance(batch, (tuple, list)) and len(batch) == 1:
         return batch[0], None
-    raise TypeError(
+    raise WrongTypeError(
         f"a prediction batch must be images or (images, labels), got {type(batch).__name__}"
     )

@@ -496,6 +496,7 @@ def _logs_written_this_step(trainer) -> bool:
     """Whether Lightning writes this batch's logged values to the loggers (every
     ``log_every_n_steps`` batches): the activation gaps cost device syncs, so they are only
     measured then."""
+    # No public API tells whether this step's logs are written (checked on lightning 2.6.6).
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
 
