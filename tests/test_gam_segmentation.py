@@ -94,3 +94,28 @@ def test_two_process_ddp_on_erfnet_leaves_identical_weights_and_scores_every_ima
     moved = [k for k in rank0 if k.startswith("target_net.") and k.endswith("weight")
              and not torch.equal(rank0[k], source[k])]  # fmt: skip
     assert moved, "the target network did not change"
+
+
+def test_a_tap_on_batchnorm_follows_the_syncbatchnorm_that_replaces_it(tmp_path):
+    """Trainer(sync_batchnorm=True) swaps every BatchNorm for a SyncBatchNorm when DDP starts,
+    after the module built its taps: the discriminator of a BatchNorm layer must still receive
+    that layer's activation (from the SyncBatchNorm that now runs)."""
+    layer = "encoder.initial_block.bn"
+    module = GAMAdaptModule(
+        _small_erfnet, num_classes=3, task="segmentation", class_names=CLASSES,
+        layers={layer: 1.0, "output": 1.0}, gan_loss="lsgan", discriminator_width=8,
+        source_steps=1,
+    )  # fmt: skip
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place, as Lightning applies it
+    assert isinstance(module.target_net.get_submodule(layer), torch.nn.SyncBatchNorm)
+    received = []
+    discriminator = module.discriminators[layer.replace(".", "__")]
+    discriminator.register_forward_pre_hook(lambda _, args: received.append(args[0].shape))
+    data = DomainAdaptationDataModule(
+        Scenes(4, (32, 64)), Scenes(4, (32, 64), seed=1, shift=0.5), batch_size=2
+    )
+    quiet_trainer(max_steps=5, default_root_dir=tmp_path).fit(module, datamodule=data)
+    # 1 source batch, then 2 adaptation batches: D sees F_s's and F_t's activation, G F_t's
+    assert len(received) == 2 * 3
+    assert all(shape[1] == module.target_net.get_submodule(layer).num_features
+               for shape in received)  # fmt: skip

@@ -46,6 +46,10 @@ class ActivationTaps:
     in the order the names were given. The activations keep their autograd graph, so the same
     call serves the discriminator step (detach them) and the target-network step.
 
+    Layers are looked up by name at every call, so a tap follows a layer that was replaced after
+    the taps were built: ``Trainer(sync_batchnorm=True)`` swaps every BatchNorm for a
+    SyncBatchNorm when DDP starts, after the module (and its taps) were constructed.
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
@@ -59,7 +63,8 @@ class ActivationTaps:
         self.layers = list(layers)
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layer names must be unique, got {self.layers}")
-        self._modules = {name: resolve_layer(net, name) for name in self.layers}
+        for name in self.layers:  # a wrong name fails here, with the valid names
+            resolve_layer(net, name)
         self._captured: dict[str, Tensor] = {}
 
     def _hook(self, name: str):
@@ -71,10 +76,23 @@ class ActivationTaps:
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network on ``x`` and return the tapped activations."""
         self._captured = {}
-        with forward_hooks(self._modules, self._hook):
+        modules = {name: _layer(self.net, name) for name in self.layers}  # the ones that run now
+        with forward_hooks(modules, self._hook):
             self.net(x)
         missing = [n for n in self.layers if n not in self._captured]
         if missing:
-            raise SetupError(f"layers {missing} were not called during the forward pass")
+            raise SetupError(
+                f"matched layers {missing} of {type(self.net).__name__} produced no activation in "
+                "this forward pass: the network does not call them (a layer of a branch this "
+                "input skips, or a module kept aside); match layers that every forward runs"
+            )
         captured, self._captured = self._captured, {}
         return {name: captured[name] for name in self.layers}
+
+
+def _layer(net: nn.Module, name: str) -> nn.Module:
+    """``resolve_layer`` for a name already checked, without listing every module."""
+    try:
+        return net.get_submodule(name)
+    except AttributeError:  # "output" on a network without a submodule of that name
+        return net
