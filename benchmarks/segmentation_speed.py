@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dam_lightning.data import DomainAdaptationDataModule
-from dam_lightning.data.labels import CITYSCAPES_CLASSES
+from dam_lightning.data.labels import CITYSCAPES_CLASSES, DatasetInfo
 from dam_lightning.matching import (
     ActivationTaps,
     foldable_layers,
@@ -265,7 +265,7 @@ def evaluation_throughput(args) -> dict:
 class SyntheticScenes(Dataset):
     """``count`` random normalised images with random labels: speed only, no content."""
 
-    task, classes, num_classes = "segmentation", CITYSCAPES_CLASSES, NUM_CLASSES
+    info = DatasetInfo("segmentation", NUM_CLASSES, CITYSCAPES_CLASSES)
 
     def __init__(self, count: int, size: tuple[int, int], shift: float = 0.0):
         self.count, self.size, self.shift = count, size, shift

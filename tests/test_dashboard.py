@@ -116,16 +116,17 @@ def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(o
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from dam_lightning.data import Cityscapes, DomainAdaptationDataModule
+    from dam_lightning.data import Cityscapes, DomainAdaptationDataModule, SegmentationTransform
     from dam_lightning.modules import GAMAdaptModule
 
     root = offline_wandb / "cityscapes"
     write_cityscapes(root, "train", per_city=2, size=(32, 64))
     val = write_cityscapes(root, "val", per_city=1, size=(64, 128), seed=1)  # labels at 2x
+    small = SegmentationTransform(size=(32, 64))
     data = DomainAdaptationDataModule(
-        Cityscapes(root, "train", size=(32, 64)),
-        Cityscapes(root, "train", size=(32, 64), labelled=False),
-        target_val=Cityscapes(root, "val", size=(32, 64)),  # labels at their native size
+        Cityscapes(root, "train", small),
+        Cityscapes(root, "train", small, labelled=False),
+        target_val=Cityscapes(root, "val", small),  # labels at their native size
         batch_size=2,
     )
     module = GAMAdaptModule(

@@ -6,9 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
+from dam_lightning.data import FewShot, LabelShift, Unlabelled, dataset_info
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, EpochShuffleSampler
+from dam_lightning.data.labels import DatasetInfo
 
 
 class Labelled(TensorDataset):
@@ -16,7 +18,7 @@ class Labelled(TensorDataset):
         super().__init__(
             torch.arange(n, dtype=torch.float32).view(n, 1) + offset, torch.arange(n) % num_classes
         )
-        self.num_classes = num_classes
+        self.info = DatasetInfo("classification", num_classes)
 
 
 def _with_module(dm: DomainAdaptationDataModule, module) -> DomainAdaptationDataModule:
@@ -81,3 +83,24 @@ def test_inconsistent_or_empty_datasets_are_refused():
         DomainAdaptationDataModule(Labelled(10, num_classes=10), Labelled(10, num_classes=5))
     with pytest.raises(ValueError, match="target dataset .* is empty"):
         DomainAdaptationDataModule(Labelled(10), Labelled(0))
+
+
+def test_dataset_info_is_read_through_every_wrapper():
+    base = Labelled(20, num_classes=10)
+    wrapped = [
+        Subset(base, range(5)),
+        Unlabelled(base),
+        LabelShift(base, drop="odd"),
+        FewShot(base, 2),
+        Unlabelled(Subset(LabelShift(base), range(3))),
+    ]
+    for dataset in wrapped:
+        assert dataset_info(dataset) is base.info
+    plain = TensorDataset(torch.zeros(2))
+    with pytest.raises(ValueError, match="declares no dataset info"):
+        dataset_info(plain)
+    assert dataset_info(plain, None) is None
+    dm = DomainAdaptationDataModule(plain, plain, batch_size=1)
+    assert dm.task == "classification" and dm.class_names is None
+    with pytest.raises(ValueError, match="declares no info"):
+        dm.num_classes

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dam_lightning.data import DigitScenes, SynDigits, UCIDigits
-from dam_lightning.data.digit_scenes import DIGIT_SCENE_CLASSES, split_indices
+from dam_lightning.data.digit_scenes import split_indices
+from dam_lightning.data.labels import DIGIT_SCENE_CLASSES
 
 BACKGROUND = DIGIT_SCENE_CLASSES.index("background")
 

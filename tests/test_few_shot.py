@@ -17,7 +17,8 @@ from torch.utils.data import Dataset, Subset
 
 from dam_lightning.cli import main
 from dam_lightning.data import DigitScenes, DomainAdaptationDataModule, FewShot, SynDigits
-from dam_lightning.data.datamodule import dataset_attribute
+from dam_lightning.data.attributes import dataset_info
+from dam_lightning.data.labels import DatasetInfo
 from dam_lightning.models import ERFNet, LeNet
 from dam_lightning.modules import GAMAdaptModule, SourceModule
 
@@ -70,8 +71,8 @@ def test_few_shot_repeats_its_images_to_length(digits):
 class _Scenes(Dataset):
     """A stand-in segmentation set with the metadata SegmentationDataset has, and an eval view."""
 
-    task, classes, palette, labelled = "segmentation", ("a", "b"), ((0, 0, 0), (9, 9, 9)), True
-    num_classes = 2
+    info = DatasetInfo("segmentation", 2, ("a", "b"), ((0, 0, 0), (9, 9, 9)))
+    labelled = True
 
     def __init__(self, augment: bool = True):
         self.augment = augment
@@ -98,9 +99,9 @@ def test_few_shot_passes_the_dataset_metadata_through_but_not_per_item_attribute
     subset = Subset(digits[1], range(30))
     subset.num_classes = 10
     plain = FewShot(subset, 3)
-    assert dataset_attribute(plain, "task", "classification") == "classification"
+    assert dataset_info(plain).task == "classification"
     assert plain.num_classes == 10 and not hasattr(plain, "eval_view")
-    assert dataset_attribute(FewShot(DigitScenes(SynDigits(20), num_scenes=4), 2), "task") == (
+    assert dataset_info(FewShot(DigitScenes(SynDigits(20), num_scenes=4), 2)).task == (
         "segmentation"
     )
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from dam_lightning.callbacks import PredictionWriter
 from dam_lightning.data.labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
+    CITYSCAPES_INFO,
     CITYSCAPES_LABEL_IDS,
     CITYSCAPES_PALETTE,
     IGNORE_INDEX,
@@ -47,9 +48,7 @@ class TinyCityscapes(Dataset):
     """Cityscapes-like items ``(image, index)`` with names in city folders and RGB images on disk
     of ``image_size`` (W, H)."""
 
-    palette = CITYSCAPES_PALETTE
-    label_ids = CITYSCAPES_LABEL_IDS
-    num_classes = 19
+    info = CITYSCAPES_INFO
 
     def __init__(self, root: Path, count: int, image_size: tuple[int, int] = (W, H)):
         self.root, self.count = root, count

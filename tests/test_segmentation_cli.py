@@ -151,3 +151,19 @@ def test_diagnose_without_a_source_network_is_one_clear_error(tmp_path, monkeypa
               "--trainer.accelerator=cpu"])  # fmt: skip
     assert exit_info.value.code == 1
     assert "error: diagnose needs a trained source network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["size", "train_augment", "crop_size"])
+def test_a_transform_setting_outside_transform_is_an_unknown_key_naming_it(key, tmp_path, capsys):
+    """The transform settings moved into ``init_args.transform``; a config that still sets one
+    beside ``root`` fails with jsonargparse's unknown-key error, in one line naming the key."""
+    old = tmp_path / "old.yaml"
+    old.write_text(f"data:\n  source:\n    init_args:\n      {key}: null\n")
+    args = ["fit", "--config", str(REPO / "configs" / "gta_source.yaml"), "--config", str(old),
+            "--print_config"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == f"error: data.source: Option '{key}' is not accepted", lines[-5:]
+    assert not any("Traceback" in line for line in lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def synthia(tmp_path):
 
 
 def test_cityscapes_maps_label_ids_to_train_ids_pixel_by_pixel(cityscapes):
-    ds = Cityscapes(cityscapes.root, "val", size=None)
+    ds = Cityscapes(cityscapes.root, "val", transform=SegmentationTransform(size=None))
     assert len(ds) == 4
     for index, name in enumerate(cityscapes.names):
         image, label = ds[index]
@@ -97,7 +98,7 @@ def test_cityscapes_two_cities_sorted_with_item_names(cityscapes):
 
 
 def test_gta5_reads_palette_indices_not_colours(gta5):
-    ds = GTA5(gta5.root, size=None)
+    ds = GTA5(gta5.root, transform=SegmentationTransform(size=None))
     assert (
         [ds.item_name(i) for i in range(len(ds))]
         == gta5.names
@@ -116,7 +117,7 @@ def test_gta5_reads_palette_indices_not_colours(gta5):
 
 
 def test_synthia_reads_16_bit_channel_zero_of_3_and_4_channel_labels(synthia):
-    ds = SYNTHIA(synthia.root, size=None)
+    ds = SYNTHIA(synthia.root, transform=SegmentationTransform(size=None))
     assert (
         [ds.item_name(i) for i in range(len(ds))]
         == synthia.names
@@ -139,10 +140,11 @@ def test_synthia_reads_16_bit_channel_zero_of_3_and_4_channel_labels(synthia):
 
 
 def test_label_size_native_versus_input(cityscapes):
-    native = Cityscapes(cityscapes.root, "val", size=(16, 32))  # val: labels at file resolution
+    small = SegmentationTransform(size=(16, 32))
+    native = Cityscapes(cityscapes.root, "val", small)  # val: labels at file resolution
     image, label = native[0]
     assert image.shape == (3, 16, 32) and label.shape == (32, 64)
-    resized = Cityscapes(cityscapes.root, "val", size=(16, 32), label_size="input")
+    resized = Cityscapes(cityscapes.root, "val", replace(small, label_size="input"))
     image, label = resized[0]
     assert image.shape == (3, 16, 32) and label.shape == (16, 32)
     full = native[0][1]
@@ -153,7 +155,7 @@ def test_label_size_native_versus_input(cityscapes):
 
 def test_train_split_defaults_to_labels_at_input_size(tmp_path):
     root = write_cityscapes(tmp_path, split="train").root
-    image, label = Cityscapes(root, "train", size=(16, 32))[0]
+    image, label = Cityscapes(root, "train", transform=SegmentationTransform(size=(16, 32)))[0]
     assert image.shape == (3, 16, 32) and label.shape == (16, 32)
 
 
@@ -161,13 +163,13 @@ def test_train_split_defaults_to_labels_at_input_size(tmp_path):
 def test_train_augment_keeps_mask_values_and_alignment(tmp_path, family):
     if family == "cityscapes":
         written = write_cityscapes(tmp_path, split="train", per_city=1)
-        ds = Cityscapes(
-            written.root, "train", size=(32, 64), train_augment=True, crop_size=(24, 40)
-        )
+        augment = SegmentationTransform(size=(32, 64), train_augment=True, crop_size=(24, 40))
+        ds = Cityscapes(written.root, "train", augment)
         lut = CITYSCAPES_TRAIN_IDS
     else:
         written = write_synthia(tmp_path, n=2)
-        ds = SYNTHIA(written.root, size=(24, 40), train_augment=True, crop_size=(20, 36))
+        augment = SegmentationTransform(size=(24, 40), train_augment=True, crop_size=(20, 36))
+        ds = SYNTHIA(written.root, transform=augment)
         lut = SYNTHIA_TRAIN_IDS
     train_id_to_id = {t: i for i, t in lut.items()}
     torch.manual_seed(0)
@@ -228,18 +230,20 @@ def test_transform_never_interpolates_masks():
 
 
 def test_eval_view_is_deterministic_and_leaves_the_original_augmenting(cityscapes):
-    ds = Cityscapes(cityscapes.root, "val", size=(16, 32), label_size="input", train_augment=True)
+    plain = SegmentationTransform(size=(16, 32), label_size="input")
+    ds = Cityscapes(cityscapes.root, "val", replace(plain, train_augment=True))
     view = ds.eval_view()
     assert ds.train_augment and not view.train_augment and len(view) == len(ds)
     first, again = view[1], view[1]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    plain = Cityscapes(cityscapes.root, "val", size=(16, 32), label_size="input")[1]
+    plain = Cityscapes(cityscapes.root, "val", plain)[1]
     assert torch.equal(first[0], plain[0]) and torch.equal(first[1], plain[1])
     assert view.item_name(1) == ds.item_name(1) and "train_augment" not in repr(view)
 
 
 def test_datasets_pickle_for_dataloader_workers(cityscapes):
-    ds = Cityscapes(cityscapes.root, "val", size=(16, 32), label_size="input", train_augment=True)
+    augment = SegmentationTransform(size=(16, 32), label_size="input", train_augment=True)
+    ds = Cityscapes(cityscapes.root, "val", augment)
     clone = pickle.loads(pickle.dumps(ds))
     assert len(clone) == len(ds) and clone.item_name(3) == ds.item_name(3)
     images, labels = next(iter(torch.utils.data.DataLoader(clone.eval_view(), batch_size=2)))
@@ -251,7 +255,7 @@ def test_datasets_pickle_for_dataloader_workers(cityscapes):
 
 def test_gta5_resize_policy_resizes_the_label_nearest(gta5, caplog):
     with caplog.at_level(logging.WARNING, logger="dam_lightning.data.gta5"):
-        ds = GTA5(gta5.root, size=None, size_mismatch="resize")
+        ds = GTA5(gta5.root, size_mismatch="resize", transform=SegmentationTransform(size=None))
     assert len(ds) == 4
     assert "1 of 4 pairs differ in size" in caplog.text and "00002.png" in caplog.text
     image, label = ds[1]
@@ -259,12 +263,12 @@ def test_gta5_resize_policy_resizes_the_label_nearest(gta5, caplog):
     small = torch.from_numpy(expected_train_ids(gta5.labels["00002"], CITYSCAPES_TRAIN_IDS))
     expected = F.interpolate(small[None, None].float(), (24, 44), mode="nearest-exact")[0, 0]
     assert torch.equal(label, expected.long())
-    assert GTA5(gta5.root, size=(12, 22))[1][1].shape == (12, 22)
+    assert GTA5(gta5.root, transform=SegmentationTransform(size=(12, 22)))[1][1].shape == (12, 22)
 
 
 def test_gta5_skip_policy_drops_the_pair(gta5, caplog):
     with caplog.at_level(logging.WARNING, logger="dam_lightning.data.gta5"):
-        ds = GTA5(gta5.root, size=None, size_mismatch="skip")
+        ds = GTA5(gta5.root, size_mismatch="skip", transform=SegmentationTransform(size=None))
     assert [ds.item_name(i) for i in range(len(ds))] == ["00001", "00003", "00004"]
     assert "skipped" in caplog.text
 
@@ -301,10 +305,11 @@ def test_unlabelled_sets_never_open_labels(cityscapes, gta5, synthia, monkeypatc
     monkeypatch.setattr(SYNTHIA, "read_label", refuse)
     for folder in (cityscapes.root / "gtFine", gta5.root / "labels", synthia.root / "GT"):
         shutil.rmtree(folder)
+    small = SegmentationTransform(size=(8, 16))
     datasets = [
-        Cityscapes(cityscapes.root, "val", size=(8, 16), labelled=False),
-        GTA5(gta5.root, size=(8, 16), labelled=False),
-        SYNTHIA(synthia.root, size=(8, 16), labelled=False),
+        Cityscapes(cityscapes.root, "val", labelled=False, transform=small),
+        GTA5(gta5.root, labelled=False, transform=small),
+        SYNTHIA(synthia.root, labelled=False, transform=small),
     ]
     for ds in datasets:
         item = ds[0]
@@ -317,7 +322,7 @@ def test_unlabelled_sets_never_open_labels(cityscapes, gta5, synthia, monkeypatc
 def test_cityscapes_test_split_is_unlabelled_by_default(tmp_path):
     root = write_cityscapes(tmp_path, split="test").root
     shutil.rmtree(root / "gtFine")
-    ds = Cityscapes(root, "test", size=(8, 16))
+    ds = Cityscapes(root, "test", transform=SegmentationTransform(size=(8, 16)))
     assert not ds.labelled and ds[0].shape == (3, 8, 16)
 
 
@@ -409,10 +414,11 @@ def test_label_values_out_of_range_name_file_value_and_hint(cityscapes, gta5, sy
 
 def test_bad_arguments_are_refused(cityscapes):
     with pytest.raises(ValueError, match="label_size must be 'input' or 'native'"):
-        Cityscapes(cityscapes.root, label_size="full")
+        Cityscapes(cityscapes.root, transform=SegmentationTransform(label_size="full"))
     with pytest.raises(ValueError, match="label_size='input' for training sets"):
-        Cityscapes(cityscapes.root, "val", train_augment=True)  # val labels default to native
+        # val labels default to native
+        Cityscapes(cityscapes.root, "val", transform=SegmentationTransform(train_augment=True))
     with pytest.raises(ValueError, match="size must be"):
-        Cityscapes(cityscapes.root, size=(512,))
+        Cityscapes(cityscapes.root, transform=SegmentationTransform(size=(512,)))
     with pytest.raises(ValueError, match="scale_range"):
-        Cityscapes(cityscapes.root, label_size="input", train_augment=True, scale_range=(2, 1))
+        SegmentationTransform(label_size="input", train_augment=True, scale_range=(2, 1))

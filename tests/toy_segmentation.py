@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dam_lightning.data.labels import DatasetInfo
+
 CLASSES = ["road", "car", "sky"]
 
 
@@ -26,9 +28,7 @@ class TinySegNet(nn.Module):
 class Scenes(Dataset):
     """Images whose colour channel c is bright where the label is class c; some pixels 255."""
 
-    classes = tuple(CLASSES)
-    task = "segmentation"
-    num_classes = 3
+    info = DatasetInfo("segmentation", 3, tuple(CLASSES))
 
     def __init__(self, n: int = 8, size: int | tuple[int, int] = 8, seed: int = 0, shift=0.0):
         height, width = (size, size) if isinstance(size, int) else size

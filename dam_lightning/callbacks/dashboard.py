@@ -25,9 +25,9 @@ from torch import Tensor
 
 from dam_lightning.callbacks.predictions import default_palette
 from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_image
-from dam_lightning.data.attributes import dataset_attribute
+from dam_lightning.data.attributes import dataset_info, unwrap
 from dam_lightning.data.labels import IGNORE_INDEX
-from dam_lightning.data.transforms import resize_mask
+from dam_lightning.data.transforms import SegmentationTransform, resize_mask
 from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import eval_mode
 from dam_lightning.metrics import class_accuracy, segmentation_scores
@@ -245,7 +245,8 @@ class ValidationDashboard(L.Callback):
         dataset = getattr(trainer.datamodule, "target_val", None)
         if task.name == "segmentation" and self.num_images > 0 and dataset is not None:
             dashboard.images = self._masked_images(dataset, pl_module)
-            palette = dataset_attribute(dataset, "palette")
+            info = dataset_info(dataset, None)
+            palette = None if info is None else info.palette
             dashboard.palette = palette or default_palette(task.num_classes)
         return dashboard
 
@@ -350,11 +351,12 @@ def displayable(image: Tensor, dataset) -> Tensor:
         >>> displayable(torch.full((3, 1, 1), 2.0), None).flatten().tolist()
         [1.0, 1.0, 1.0]
     """
-    transform = dataset_attribute(dataset, "transform")
-    mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
+    transforms = (getattr(layer, "transform", None) for layer in unwrap(dataset))
+    transform = next((t for t in transforms if isinstance(t, SegmentationTransform)), None)
     image = image.float()
-    if mean is not None and std is not None:
-        image = image * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    if transform is not None:
+        std, mean = torch.tensor(transform.std), torch.tensor(transform.mean)
+        image = image * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
     return image.clamp(0, 1)
 
 

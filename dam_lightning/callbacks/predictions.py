@@ -24,9 +24,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Subset
 
+from dam_lightning.data.attributes import dataset_info
 from dam_lightning.data.labels import (
     CITYSCAPES_PALETTE,
     IGNORE_INDEX,
+    DatasetInfo,
     colour_table,
     lookup_table,
 )
@@ -89,20 +91,14 @@ def save_png_atomically(image: Image.Image, path: str) -> None:
 
 class _DatasetView:
     """A prediction dataset seen through ``Subset`` wrappers: the optional per-item methods
-    (``item_name``, ``image_path``) and attributes (``palette``, ``label_ids``, ``num_classes``)
-    are taken from the outermost dataset that has them, with the index mapped to that level."""
+    (``item_name``, ``image_path``) are taken from the outermost dataset that has them, with the
+    index mapped to that level; ``info`` (palette, label_ids, num_classes) from ``dataset_info``."""
 
     def __init__(self, dataset: Any):
         self.chain = [dataset]
         while isinstance(self.chain[-1], Subset):
             self.chain.append(self.chain[-1].dataset)
-
-    def attribute(self, name: str) -> Any:
-        for dataset in self.chain:
-            value = getattr(dataset, name, None)
-            if value is not None:
-                return value
-        return None
+        self.info: DatasetInfo | None = dataset_info(dataset, None)
 
     def call(self, method: str, index: int) -> Any:
         for dataset in self.chain:
@@ -111,12 +107,6 @@ class _DatasetView:
             if isinstance(dataset, Subset):
                 index = int(dataset.indices[index])
         return None
-
-    def num_classes(self) -> int | None:
-        num_classes = self.attribute("num_classes")
-        if num_classes is None and self.attribute("classes") is not None:
-            num_classes = len(self.attribute("classes"))
-        return num_classes
 
     def item_name(self, index: int) -> str:
         name = self.call("item_name", index)
@@ -164,15 +154,16 @@ class _SegmentationTables:
     write trainIds) and trainId -> RGB."""
 
     def __init__(self, view: _DatasetView, module_num_classes: int | None):
-        palette = view.attribute("palette")
+        info = view.info
+        palette = None if info is None else info.palette
         if palette is None:
-            palette = default_palette(view.num_classes() or module_num_classes)
+            palette = default_palette(module_num_classes if info is None else info.num_classes)
         palette = tuple(tuple(int(v) for v in rgb) for rgb in palette)
         self.num_colours = len(palette)
         self.colours = colour_table(palette).numpy()
         self.ids: np.ndarray | None = None
         self.num_ids = IGNORE_INDEX  # trainIds are written as they are
-        label_ids = view.attribute("label_ids")
+        label_ids = None if info is None else info.label_ids
         if label_ids is not None:
             label_ids = [int(i) for i in label_ids]
             if any(not 0 <= i <= 255 for i in label_ids):
@@ -193,7 +184,7 @@ class _SegmentationTables:
             raise ConfigError(
                 f"prediction for {name!r} holds trainId {low if low < 0 else high}, outside "
                 f"0..{limit - 1} (the dataset's palette/label_ids) and not {IGNORE_INDEX}; give "
-                "the dataset a `palette` and `label_ids` with one entry per class"
+                "the dataset an `info` whose palette and label_ids have one entry per class"
             )
 
 
@@ -204,9 +195,9 @@ class PredictionWriter(BasePredictionWriter):
     "confidence": float of the same shape or None, "label": same shape or None}`` (a bare
     prediction tensor is accepted). The dataset may offer ``item_name(index)`` (a relative path
     without extension, e.g. ``"frankfurt/frankfurt_000000_000294"``; default ``f"{index:06d}"``),
-    ``image_path(index)``, ``palette`` (RGB per trainId; default Cityscapes' up to 19 classes) and
-    ``label_ids`` (native id per trainId, e.g. ``CITYSCAPES_LABEL_IDS``); ``Subset`` wrappers are
-    seen through.
+    ``image_path(index)`` and an ``info`` (``DatasetInfo``) whose ``palette`` (RGB per trainId;
+    default Cityscapes' up to 19 classes) and ``label_ids`` (native id per trainId, e.g.
+    ``CITYSCAPES_LABEL_IDS``) are used; ``Subset`` wrappers are seen through.
 
     Segmentation, per image, one folder per kind (so the Cityscapes benchmark's file matching,
     pointed at ``labelIds/``, finds exactly one file per image):

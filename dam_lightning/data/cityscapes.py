@@ -9,12 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dam_lightning.data.labels import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_ID_TO_TRAIN_ID,
-    CITYSCAPES_LABEL_IDS,
-    CITYSCAPES_PALETTE,
-)
 from dam_lightning.data.segmentation import (
     LabelSize,
     SegmentationDataset,
@@ -23,7 +17,7 @@ from dam_lightning.data.segmentation import (
     no_files_error,
     pair_by_name,
 )
-from dam_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dam_lightning.data.transforms import SegmentationTransform
 
 __all__ = ["Cityscapes"]
 
@@ -36,8 +30,9 @@ class Cityscapes(SegmentationDataset):
     Files: ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
     ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``, labelIds mapped to the
     19 trainIds. Item names are ``"<city>/<city>_<seq>_<frame>"``. Defaults follow the split:
-    labels at ``size`` for "train", at file resolution (2048x1024) for "val"/"test"; "test" is
-    unlabelled (its public labels are all void). See ``SegmentationDataset`` for the arguments.
+    labels at ``transform.size`` for "train", at file resolution (2048x1024) for "val"/"test"
+    (unless ``transform.label_size`` says otherwise); "test" is unlabelled (its public labels
+    are all void). See ``SegmentationDataset`` for the arguments.
 
     Example:
         >>> import tempfile
@@ -49,7 +44,7 @@ class Cityscapes(SegmentationDataset):
         ...     image = Image.fromarray(np.full((8, 16), 26, np.uint8)).convert("RGB")
         ...     (image if folder == "leftImg8bit" else image.convert("L")).save(
         ...         root / folder / "val" / "ulm" / f"ulm_000000_000019{suffix}")
-        >>> ds = Cityscapes(root, "val", size=(4, 8))
+        >>> ds = Cityscapes(root, "val", SegmentationTransform(size=(4, 8)))
         >>> ds, ds.name, ds.item_name(0)
         (Cityscapes(split='val', size=(4, 8), images=1), 'Cityscapes-val', 'ulm/ulm_000000_000019')
         >>> image, label = ds[0]  # label at file resolution; labelId 26 (car) is trainId 13
@@ -59,11 +54,6 @@ class Cityscapes(SegmentationDataset):
         Cityscapes(split='val', size=(512, 1024), images=500)
     """
 
-    classes = CITYSCAPES_CLASSES
-    palette = CITYSCAPES_PALETTE
-    label_ids = CITYSCAPES_LABEL_IDS
-    id_to_train_id = CITYSCAPES_ID_TO_TRAIN_ID
-    max_label_id = 33
     label_hint = (
         "Cityscapes labelIds run 0..33; expected the *_gtFine_labelIds.png files, not "
         "*_gtFine_labelTrainIds.png, *_gtFine_instanceIds.png or *_gtFine_color.png"
@@ -73,14 +63,8 @@ class Cityscapes(SegmentationDataset):
         self,
         root: str | Path,
         split: str = "val",
-        size: tuple[int, int] | None = (512, 1024),
-        label_size: LabelSize | None = None,
-        train_augment: bool = False,
-        scale_range: tuple[float, float] = (0.5, 1.5),
-        crop_size: tuple[int, int] | None = None,
+        transform: SegmentationTransform = SegmentationTransform(),
         labelled: bool | None = None,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
     ):
         root = check_root(
             root, "Cityscapes", "data.target.init_args.root", "leftImg8bit/ and gtFine/"
@@ -106,12 +90,10 @@ class Cityscapes(SegmentationDataset):
             labels,
             names,
             split=split,
-            size=size,
-            label_size=label_size or ("input" if split == "train" else "native"),
-            train_augment=train_augment,
-            scale_range=scale_range,
-            crop_size=crop_size,
+            transform=transform,
             labelled=labelled,
-            mean=mean,
-            std=std,
         )
+
+    def default_label_size(self, split: str | None) -> LabelSize:
+        """``"input"`` for "train"; "val" and "test" are scored at label resolution."""
+        return "input" if split == "train" else "native"

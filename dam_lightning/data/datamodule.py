@@ -13,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
-from dam_lightning.data.attributes import dataset_attribute
+from dam_lightning.data.attributes import dataset_info
 from dam_lightning.data.few_shot import FewShot
 from dam_lightning.errors import ConfigError, WrongTypeError
 
@@ -184,8 +184,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         if self.few_shot is None:
             return self.source
 
-        source_names = dataset_attribute(self.source, "classes")
-        target_names = dataset_attribute(self.target, "classes")
+        source_names, target_names = _classes(self.source), _classes(self.target)
         if None not in (source_names, target_names) and list(source_names) != list(target_names):
             raise ConfigError(
                 "data.few_shot trains on target labels, but the target set's classes are not "
@@ -223,30 +222,32 @@ class DomainAdaptationDataModule(L.LightningDataModule):
 
     @property
     def task(self) -> str:
-        """``"classification"`` or ``"segmentation"``: the source dataset's ``task`` attribute
+        """``"classification"`` or ``"segmentation"``: the source dataset's ``info.task``
         (default classification). The CLI links it to the module's ``task``."""
-        return dataset_attribute(self.source, "task", "classification")
+        info = dataset_info(self.source, None)
+        return "classification" if info is None else info.task
 
     @property
     def class_names(self) -> list[str] | None:
-        """The source dataset's ``classes`` (class names in index order), if it has them."""
-        names = dataset_attribute(self.source, "classes")
+        """The source dataset's ``info.classes`` (class names in index order), if it has them."""
+        names = _classes(self.source)
         return None if names is None else list(names)
 
     @property
     def class_subsets(self) -> dict[str, list[str]] | None:
         """Named class subsets scored by their own mIoU (SYNTHIA: 16 and 13 classes)."""
-        subsets = dataset_attribute(self.source, "class_subsets")
+        info = dataset_info(self.source, None)
+        subsets = None if info is None else info.class_subsets
         return {k: list(v) for k, v in subsets.items()} if subsets else None
 
     @property
     def num_classes(self) -> int:
-        """Number of classes, read from the source dataset's ``num_classes``."""
+        """Number of classes, read from the source dataset's ``info.num_classes``."""
         n = _num_classes(self.source)
         if n is None:
             raise ConfigError(
-                f"the source dataset {self.source!r} has no num_classes attribute; "
-                "set model.init_args.num_classes explicitly"
+                f"the source dataset {self.source!r} declares no info (a DatasetInfo class "
+                "attribute, dam_lightning.data.labels); set model.init_args.num_classes explicitly"
             )
         return n
 
@@ -350,4 +351,10 @@ def _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers) ->
 
 
 def _num_classes(dataset: Dataset | None) -> int | None:
-    return dataset_attribute(dataset, "num_classes")
+    info = dataset_info(dataset, None)
+    return None if info is None else info.num_classes
+
+
+def _classes(dataset: Dataset | None) -> tuple[str, ...] | None:
+    info = dataset_info(dataset, None)
+    return None if info is None else info.classes

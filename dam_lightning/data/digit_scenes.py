@@ -16,13 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dam_lightning.data.attributes import InfoAttributes
 from dam_lightning.data.digits import DigitDataset
-from dam_lightning.data.labels import (
-    DIGIT_CLASSES,
-    DIGIT_SCENE_CLASSES,
-    DIGIT_SCENE_PALETTE,
-    IGNORE_INDEX,
-)
+from dam_lightning.data.labels import DIGIT_CLASSES, DIGIT_SCENES_INFO, IGNORE_INDEX
 from dam_lightning.errors import DataError
 
 __all__ = ["DigitScenes"]
@@ -40,7 +36,7 @@ SPLIT_FRACTIONS = {"adapt": 0.6, "val": 0.2, "test": 0.2}
 """How the digit images of the pool are shared out; the three parts are disjoint."""
 
 
-class DigitScenes(Dataset):
+class DigitScenes(InfoAttributes, Dataset):
     """Segmentation scenes of 2-4 digits at random positions and sizes, with per-pixel labels.
 
     Each scene pastes digit images of ``digits`` (any ``DigitDataset``: ``SynDigits``,
@@ -69,9 +65,7 @@ class DigitScenes(Dataset):
         (torch.Size([3, 64, 64]), torch.Size([64, 64]), 11, 'segmentation')
     """
 
-    task = "segmentation"
-    classes = DIGIT_SCENE_CLASSES
-    palette = DIGIT_SCENE_PALETTE
+    info = DIGIT_SCENES_INFO
 
     def __init__(
         self,
@@ -110,10 +104,6 @@ class DigitScenes(Dataset):
             )
         self.labels = labels
         self.images = _paint(coverage, appearance, rng)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def name(self) -> str:

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dam_lightning.data.labels import DIGIT_CLASSES
+from dam_lightning.data.attributes import InfoAttributes
+from dam_lightning.data.labels import DIGITS_INFO
 from dam_lightning.errors import DataError, MissingFileError, SetupError
 
 __all__ = ["MNIST", "USPS", "DigitDataset", "SynDigits", "UCIDigits"]
@@ -27,13 +28,13 @@ __all__ = ["MNIST", "USPS", "DigitDataset", "SynDigits", "UCIDigits"]
 Split = Literal["train", "test"]
 
 
-class DigitDataset(Dataset):
+class DigitDataset(InfoAttributes, Dataset):
     """In-memory digits: ``images`` (N, 1, 28, 28) float32 in [0, 1], ``labels`` (N,) int64 0..9.
 
     Subclasses only build the two tensors; indexing, sizes and naming live here.
     """
 
-    classes = DIGIT_CLASSES
+    info = DIGITS_INFO
 
     def __init__(self, images: Tensor, labels: Tensor, split: str):
         if images.shape[1:] != (1, 28, 28) or len(images) != len(labels):
@@ -42,10 +43,6 @@ class DigitDataset(Dataset):
                 f"{tuple(labels.shape)} must be (N, 1, 28, 28) and (N,)"
             )
         self.images, self.labels, self.split = images, labels, split
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def name(self) -> str:

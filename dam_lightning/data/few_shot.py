@@ -2,7 +2,9 @@
 
 ``FewShot`` only chooses and repeats items; it never changes them. The choice is a seeded random
 draw, not class-balanced (nor could it be for segmentation, where every image holds many
-classes). It passes on the wrapped set's dataset-level metadata, never its per-item attributes.
+classes). It passes on the wrapped set's dataset-level metadata (its ``info``), never its
+per-item attributes (``labels``, ``images``, ``item_name``: they are indexed like the wrapped
+set, not like the few-shot one).
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from dam_lightning.data.attributes import dataset_attribute
+from dam_lightning.data.attributes import InfoAttributes, dataset_info, unwrap
+from dam_lightning.data.labels import DatasetInfo
 from dam_lightning.errors import DataError, WrongTypeError
 
-METADATA = ("num_classes", "task", "classes", "class_subsets", "palette", "label_ids", "labelled")
-"""Attributes of the wrapped dataset that ``FewShot`` answers for it (what the data module, the
-CLI links and the callbacks read). Per-item ones (``labels``, ``images``, ``item_name``) are left
-out: they are indexed like the wrapped set, not like the few-shot one."""
 
-_MISSING = object()
-
-
-class FewShot(Dataset):
+class FewShot(InfoAttributes, Dataset):
     """``num_images`` labelled items of ``dataset``, repeated cyclically to ``length`` items.
 
     The items are the first ``num_images`` of a random permutation of ``dataset`` drawn with
@@ -56,7 +52,7 @@ class FewShot(Dataset):
     def __init__(self, dataset: Dataset, num_images: int, seed: int = 0, length: int | None = None):
         size = len(dataset)
         _check_counts(num_images, length, size)
-        if dataset_attribute(dataset, "labelled", True) is False:
+        if any(getattr(layer, "labelled", True) is False for layer in unwrap(dataset)):
             raise DataError(
                 f"FewShot needs labelled images, but {dataset!r} is unlabelled; "
                 "build it with labelled=True (from a config: --data.target.init_args.labelled "
@@ -76,14 +72,16 @@ class FewShot(Dataset):
             raise IndexError(f"index {index} is out of range for {len(self)} items")
         return self.dataset[self.indices[index % self.num_images]]
 
+    @property
+    def info(self) -> DatasetInfo | None:
+        """The wrapped set's ``info`` (``few.classes``, ``few.num_classes``... derive from it);
+        None when it declares none."""
+        return dataset_info(self.dataset, None)
+
     def __getattr__(self, name: str):
         # Only called for names the instance lacks; guarded so unpickling (DataLoader workers
         # under spawn) never recurses before ``dataset`` is set.
         dataset = self.__dict__.get("dataset")
-        if dataset is not None and name in METADATA:
-            value = dataset_attribute(dataset, name, _MISSING)
-            if value is not _MISSING:
-                return value
         if dataset is not None and name == "eval_view" and hasattr(dataset, "eval_view"):
             return self._eval_view
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")

@@ -13,21 +13,14 @@ from typing import Literal
 
 from PIL import Image
 
-from dam_lightning.data.labels import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_ID_TO_TRAIN_ID,
-    CITYSCAPES_LABEL_IDS,
-    CITYSCAPES_PALETTE,
-)
 from dam_lightning.data.segmentation import (
     DecodeError,
-    LabelSize,
     SegmentationDataset,
     check_root,
     decode_error,
     folder_pairs,
 )
-from dam_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dam_lightning.data.transforms import SegmentationTransform
 from dam_lightning.errors import DataError
 
 __all__ = ["GTA5"]
@@ -41,8 +34,9 @@ class GTA5(SegmentationDataset):
     """GTA5 pairs ``images/NNNNN.png`` + ``labels/NNNNN.png``, the labelled source domain.
 
     Labels are palette ("P") PNGs whose indices are Cityscapes labelIds, mapped to the 19
-    trainIds. Item names are the 5-digit stems (``"00042"``). ``split_file`` optionally lists
-    the items to use, one name or number per line. Unpaired files are refused (name the pairs to
+    trainIds (``info``, the id table and the label range are Cityscapes', inherited). Item
+    names are the 5-digit stems (``"00042"``). ``split_file`` optionally lists the items to
+    use, one name or number per line. Unpaired files are refused (name the pairs to
     use with ``split_file``). A few released pairs differ in size by some pixels:
     ``size_mismatch="resize"`` resizes such labels (nearest) to their image's size, ``"skip"``
     drops the pairs, ``"error"`` refuses them; one warning says how many there were. An
@@ -58,18 +52,13 @@ class GTA5(SegmentationDataset):
         >>> label = Image.fromarray(np.full((8, 16), 24, np.uint8))
         >>> label.putpalette([0, 0, 0] * 24 + [220, 20, 60])  # now a "P" image: index 24 is red
         >>> label.save(root / "labels" / "00001.png")
-        >>> ds = GTA5(root, size=(4, 8))
+        >>> ds = GTA5(root, transform=SegmentationTransform(size=(4, 8)))
         >>> ds, ds.item_name(0), ds[0][1].unique().tolist()  # labelId 24 (person) -> trainId 11
         (GTA5(size=(4, 8), images=1), '00001', [11])
         >>> len(GTA5("../shared/data/gta5"))  # doctest: +SKIP
         24966
     """
 
-    classes = CITYSCAPES_CLASSES
-    palette = CITYSCAPES_PALETTE
-    label_ids = CITYSCAPES_LABEL_IDS
-    id_to_train_id = CITYSCAPES_ID_TO_TRAIN_ID
-    max_label_id = 33
     label_hint = (
         "GTA5 labels are the palette PNGs of labels/ whose indices are Cityscapes labelIds "
         "0..33, not trainId or colour images"
@@ -79,15 +68,9 @@ class GTA5(SegmentationDataset):
         self,
         root: str | Path,
         split_file: str | Path | None = None,
-        size: tuple[int, int] | None = (512, 1024),
-        label_size: LabelSize = "input",
-        train_augment: bool = False,
-        scale_range: tuple[float, float] = (0.5, 1.5),
-        crop_size: tuple[int, int] | None = None,
+        transform: SegmentationTransform = SegmentationTransform(),
         labelled: bool = True,
         size_mismatch: SizeMismatch = "resize",
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
     ):
         if size_mismatch not in ("resize", "skip", "error"):
             raise DataError(
@@ -105,14 +88,8 @@ class GTA5(SegmentationDataset):
             labels,
             names,
             split=Path(split_file).stem if split_file is not None else None,
-            size=size,
-            label_size=label_size,
-            train_augment=train_augment,
-            scale_range=scale_range,
-            crop_size=crop_size,
+            transform=transform,
             labelled=labelled,
-            mean=mean,
-            std=std,
         )
         self.size_mismatch = "resize" if size_mismatch == "resize" else "error"
 

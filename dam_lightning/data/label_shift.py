@@ -1,7 +1,8 @@
 """Label shift (paper, Table 2): a view of a labelled dataset with part of some classes removed.
 
 "odd" drops a fraction of every odd digit's images, "even" of every even digit's. The images
-kept are a deterministic function of the seed. Works with any dataset of ``(x, y)`` items.
+kept are a deterministic function of the seed. Works with any dataset of ``(x, y)`` items; its
+``info`` is read through the view (``attributes.dataset_info``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ class LabelShift(Dataset):
         if not 0.0 <= fraction <= 1.0:
             raise DataError(f"fraction must be in [0, 1], got {fraction}")
         self.dataset, self.drop, self.fraction = dataset, drop, fraction
-        self.num_classes = getattr(dataset, "num_classes", None)
         self.indices = self._kept_indices(seed)
 
     def _labels(self) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Class tables: the single source of truth for class names, id maps and palettes.
 
 Every dataset, metric, prediction writer and figure reads its classes from here; nothing else
-defines a class list. Id maps are 256-entry lookup tables applied with one indexing operation
+defines a class list. A dataset family declares what its labels mean as one ``DatasetInfo``
+class attribute, ``info`` (one of the ``*_INFO`` tables below); ``attributes.dataset_info``
+reads it through wrappers. Id maps are 256-entry lookup tables applied with one indexing operation
 (``lut[label]``), never a Python loop over classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -127,3 +131,92 @@ def colour_table(
     table = torch.tensor([IGNORE_COLOUR] * 256, dtype=torch.uint8)
     table[: len(palette)] = torch.tensor(palette, dtype=torch.uint8)
     return table
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset's labels mean: the one class attribute ``info`` of a dataset family
+    (mmsegmentation's ``METAINFO`` in spirit), read through wrappers by
+    ``attributes.dataset_info``. Subclasses inherit it; a family that differs replaces it
+    (``dataclasses.replace(CITYSCAPES_INFO, class_subsets=...)``).
+
+    Example:
+        >>> info = DatasetInfo("segmentation", 2, ("road", "sky"), ((0, 0, 0), (9, 9, 9)))
+        >>> info.num_classes, info.classes, info.ignore_index
+        (2, ('road', 'sky'), 255)
+        >>> DatasetInfo("classification", 3, ("a", "b"))
+        Traceback (most recent call last):
+        ...
+        dam_lightning.errors.DataError: DatasetInfo: 2 class names for num_classes=3: ('a', 'b')
+    """
+
+    task: Literal["classification", "segmentation"]
+    """What a label is: one class per image, or one class per pixel."""
+    num_classes: int
+    """Number of classes; labels run ``0..num_classes-1`` (and ``ignore_index``)."""
+    classes: tuple[str, ...] | None = None
+    """Class names in label order (``classes[i]`` names label ``i``); None: unnamed."""
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    """RGB colour of each class for masks and overlays; None: a default palette."""
+    label_ids: tuple[int, ...] | None = None
+    """The dataset-native id of each class, written into prediction PNGs (None: class ids)."""
+    class_subsets: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    """Named class subsets a benchmark also reports by their own mean (SYNTHIA's 16 and 13)."""
+    ignore_index: int = IGNORE_INDEX
+    """Label value of pixels that are neither trained on nor scored."""
+
+    def __post_init__(self):
+        if self.task not in ("classification", "segmentation"):
+            raise DataError(
+                f"DatasetInfo: task must be 'classification' or 'segmentation', got {self.task!r}"
+            )
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise DataError(f"DatasetInfo: num_classes must be an int, got {self.num_classes!r}")
+        if self.num_classes < 1:
+            raise DataError(f"DatasetInfo: num_classes must be at least 1, got {self.num_classes}")
+        normalised = {  # tuples, whatever sequences were given
+            "classes": None if self.classes is None else tuple(self.classes),
+            "palette": None if self.palette is None else tuple(tuple(c) for c in self.palette),
+            "label_ids": None if self.label_ids is None else tuple(self.label_ids),
+            "class_subsets": {k: tuple(v) for k, v in self.class_subsets.items()},
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        for name in ("classes", "label_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_classes:
+                what = "class names" if name == "classes" else "label_ids"
+                raise DataError(
+                    f"DatasetInfo: {len(value)} {what} for num_classes={self.num_classes}: {value}"
+                )
+        if self.palette is not None and len(self.palette) < self.num_classes:
+            raise DataError(
+                f"DatasetInfo: {len(self.palette)} palette colours for {self.num_classes} classes"
+            )
+        for name, subset in self.class_subsets.items():
+            if self.classes is None:
+                raise DataError(f"DatasetInfo: class_subsets[{name!r}] needs named classes")
+            class_indices(subset, self.classes)
+
+
+DIGITS_INFO = DatasetInfo("classification", len(DIGIT_CLASSES), DIGIT_CLASSES)
+"""MNIST, USPS, SynDigits, UCIDigits: ten digit classes, one per image."""
+
+DIGIT_SCENES_INFO = DatasetInfo(
+    "segmentation", len(DIGIT_SCENE_CLASSES), DIGIT_SCENE_CLASSES, DIGIT_SCENE_PALETTE
+)
+"""DigitScenes: the ten digits and the background, per pixel."""
+
+CITYSCAPES_INFO = DatasetInfo(
+    "segmentation",
+    len(CITYSCAPES_CLASSES),
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    CITYSCAPES_LABEL_IDS,
+)
+"""Cityscapes and every set mapped to its 19 trainIds (GTA5): predictions as labelIds."""
+
+SYNTHIA_INFO = replace(
+    CITYSCAPES_INFO, class_subsets={"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}
+)
+"""SYNTHIA: Cityscapes' 19 trainIds, scored on its 16- and 13-class subsets."""

@@ -9,9 +9,9 @@ them; no class table is defined here (they all live in ``labels.py``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -19,19 +19,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dam_lightning.data.labels import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_ID_TO_TRAIN_ID,
-    CITYSCAPES_LABEL_IDS,
-    CITYSCAPES_PALETTE,
-)
-from dam_lightning.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SegmentationTransform,
-    resize_mask,
-)
-from dam_lightning.errors import DataError, MissingFileError
+from dam_lightning.data.attributes import InfoAttributes
+from dam_lightning.data.labels import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_INFO, DatasetInfo
+from dam_lightning.data.transforms import LabelSize, SegmentationTransform, resize_mask
+from dam_lightning.errors import DataError, MissingFileError, WrongTypeError
 
 __all__ = [
     "DecodeError",
@@ -45,32 +36,33 @@ __all__ = [
     "select_names",
 ]
 
-LabelSize = Literal["input", "native"]
-
 DecodeError = (OSError, RuntimeError, SyntaxError, ValueError)
 """What PIL (OSError, SyntaxError, ValueError) and torchvision.io (RuntimeError) raise on a
 corrupt or truncated file; ``__getitem__`` turns them into one message naming the file."""
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(InfoAttributes, Dataset):
     """Image/label pairs decoded on access: ``(image, label)``, or ``image`` when unlabelled.
 
     ``image`` is float32 (3, H, W), normalised; ``label`` is int64 (h, w) holding trainIds
-    ``0..num_classes-1`` or 255 (ignored). ``size`` is the network input (H, W) every image is
-    resized to (None: keep the file size). ``label_size="input"`` resizes the label (nearest) to
-    ``size``; ``"native"`` keeps its file resolution (scoring at label resolution).
-    ``train_augment`` adds a joint random scale (``scale_range`` of ``size``), a ``crop_size``
-    crop (default ``size``) and a horizontal flip. With ``labelled=False`` label files are never
-    opened (an unlabelled target set) and may be omitted.
+    ``0..num_classes-1`` or 255 (ignored). ``transform`` (a ``SegmentationTransform``) says how:
+    the network input ``size``, ``label_size`` (``"input"``: labels resized, nearest, to
+    ``size``; ``"native"``: file resolution), ``train_augment`` (joint random scale, crop, flip)
+    and the normalisation. With ``labelled=False`` label files are never opened (an unlabelled
+    target set) and may be omitted.
 
-    Subclasses set the class constants below and find the files; ``read_label`` may be
-    overridden for a format PIL cannot read (SYNTHIA's 16-bit PNGs).
+    Subclasses set ``info`` (what the labels mean, a ``DatasetInfo``) and the reading constants
+    below where they differ, and find the files; ``read_label`` may be overridden for a format
+    PIL cannot read (SYNTHIA's 16-bit PNGs).
 
     Args:
         images: image files.
         labels: label files (``labels[i]`` belongs to ``images[i]``); needed when labelled.
         names: relative names without extension for prediction files; default the file stems.
         split: the split name shown in ``name`` and ``repr`` (None: no split).
+        transform: resize, augmentation and normalisation; a ``label_size`` of None becomes
+            ``default_label_size(split)``.
+        labelled: whether label files are read.
 
     Example:
         >>> import tempfile
@@ -78,7 +70,8 @@ class SegmentationDataset(Dataset):
         >>> Image.new("RGB", (8, 4)).save(folder / "a.png")
         >>> ids = np.array([[7, 7, 26, 26, 3, 3, 26, 26]] * 4, np.uint8)
         >>> Image.fromarray(ids).save(folder / "a_ids.png")
-        >>> ds = SegmentationDataset([folder / "a.png"], [folder / "a_ids.png"], size=(2, 4))
+        >>> transform = SegmentationTransform(size=(2, 4))
+        >>> ds = SegmentationDataset([folder / "a.png"], [folder / "a_ids.png"], transform=transform)
         >>> image, label = ds[0]  # labelIds 7 road, 26 car, 3 void -> trainIds 0, 13, 255
         >>> tuple(image.shape), label.dtype, label.tolist()
         ((3, 2, 4), torch.int64, [[0, 13, 255, 13], [0, 13, 255, 13]])
@@ -86,13 +79,8 @@ class SegmentationDataset(Dataset):
         (SegmentationDataset(size=(2, 4), images=1), 19, 'a')
     """
 
-    classes: tuple[str, ...] = CITYSCAPES_CLASSES
-    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
-    label_ids: tuple[int, ...] | None = CITYSCAPES_LABEL_IDS
-    """The dataset-native id of each trainId, written into prediction PNGs (None: trainIds)."""
-    task = "segmentation"
-    class_subsets: Mapping[str, tuple[str, ...]] = {}
-    """Named class subsets a benchmark also reports (SYNTHIA's 16 and 13 classes)."""
+    info: DatasetInfo = CITYSCAPES_INFO
+    """What the labels mean: task, classes, palette, native label ids, class subsets."""
     id_to_train_id: Tensor = CITYSCAPES_ID_TO_TRAIN_ID
     """256-entry table: label file value -> trainId."""
     max_label_id: int = 33
@@ -109,18 +97,14 @@ class SegmentationDataset(Dataset):
         names: Sequence[str] | None = None,
         *,
         split: str | None = None,
-        size: tuple[int, int] | None = (512, 1024),
-        label_size: LabelSize = "input",
-        train_augment: bool = False,
-        scale_range: tuple[float, float] = (0.5, 1.5),
-        crop_size: tuple[int, int] | None = None,
+        transform: SegmentationTransform = SegmentationTransform(),
         labelled: bool = True,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
     ):
         cls = type(self).__name__
-        if label_size not in ("input", "native"):
-            raise DataError(f"{cls}: label_size must be 'input' or 'native', got {label_size!r}")
+        if not isinstance(transform, SegmentationTransform):
+            raise WrongTypeError(
+                f"{cls}: transform must be a SegmentationTransform, got {type(transform).__name__}"
+            )
         self.images = [Path(p) for p in images]
         self.labels = [Path(p) for p in labels] if labelled and labels is not None else None
         if labelled and self.labels is None:
@@ -132,20 +116,15 @@ class SegmentationDataset(Dataset):
         self.names = list(names) if names is not None else [p.stem for p in self.images]
         if len(self.names) != len(self.images):
             raise DataError(f"{cls}: {len(self.images)} images but {len(self.names)} names")
-        self.split, self.labelled, self.label_size = split, labelled, label_size
-        self.transform = SegmentationTransform(
-            size,
-            train_augment=train_augment,
-            scale_range=scale_range,
-            crop_size=crop_size,
-            resize_mask=label_size == "input",
-            mean=mean,
-            std=std,
-        )
+        self.split, self.labelled = split, labelled
+        if transform.label_size is None:
+            transform = replace(transform, label_size=self.default_label_size(split))
+        self.transform = transform
+        """The resolved settings (``label_size`` is never None here) and the callable."""
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def default_label_size(self, split: str | None) -> LabelSize:
+        """The ``label_size`` a ``transform`` with ``label_size=None`` gets: ``"input"``."""
+        return "input"
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -155,6 +134,11 @@ class SegmentationDataset(Dataset):
     @property
     def train_augment(self) -> bool:
         return self.transform.train_augment
+
+    @property
+    def label_size(self) -> LabelSize:
+        """``"input"`` (labels resized to ``size``) or ``"native"`` (file resolution)."""
+        return self.transform.label_size
 
     @property
     def name(self) -> str:

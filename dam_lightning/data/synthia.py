@@ -14,23 +14,15 @@ import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_png, read_file
 
-from dam_lightning.data.labels import (
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_LABEL_IDS,
-    CITYSCAPES_PALETTE,
-    SYNTHIA_13_CLASSES,
-    SYNTHIA_16_CLASSES,
-    SYNTHIA_ID_TO_TRAIN_ID,
-)
+from dam_lightning.data.labels import SYNTHIA_ID_TO_TRAIN_ID, SYNTHIA_INFO
 from dam_lightning.data.segmentation import (
     DecodeError,
-    LabelSize,
     SegmentationDataset,
     check_root,
     decode_error,
     folder_pairs,
 )
-from dam_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dam_lightning.data.transforms import SegmentationTransform
 
 __all__ = ["SYNTHIA"]
 
@@ -39,7 +31,7 @@ class SYNTHIA(SegmentationDataset):
     """SYNTHIA-RAND-CITYSCAPES pairs ``RGB/NNNNNNN.png`` + ``GT/LABELS/NNNNNNN.png``.
 
     Class ids (channel 0 of the 16-bit label PNGs) are mapped to Cityscapes trainIds, so
-    predictions and metrics use the 19 Cityscapes classes; ``class_subsets`` names the 16- and
+    predictions and metrics use the 19 Cityscapes classes; ``info.class_subsets`` names the 16- and
     13-class protocols it is scored on. Images may be RGB or RGBA (alpha is dropped). Item names
     are the 7-digit stems (``"0000042"``); ``split_file`` optionally lists the items to use. See
     ``SegmentationDataset`` for the other arguments.
@@ -53,17 +45,14 @@ class SYNTHIA(SegmentationDataset):
         >>> Image.new("RGBA", (16, 8)).save(root / "RGB" / "0000001.png")
         >>> ids = np.stack([np.full((8, 16), 8), np.full((8, 16), 3), np.zeros((8, 16))], -1)
         >>> Image.fromarray(ids.astype(np.uint8)).save(root / "GT" / "LABELS" / "0000001.png")
-        >>> ds = SYNTHIA(root, size=(4, 8))  # (the real labels are 16-bit; 8-bit reads too)
+        >>> ds = SYNTHIA(root, transform=SegmentationTransform(size=(4, 8)))  # (the real labels are 16-bit; 8-bit reads too)
         >>> ds, ds.item_name(0), ds[0][1].unique().tolist()  # class 8 (car) -> trainId 13
         (SYNTHIA(size=(4, 8), images=1), '0000001', [13])
         >>> sorted(ds.class_subsets), len(ds.class_subsets["13"])
         (['13', '16'], 13)
     """
 
-    classes = CITYSCAPES_CLASSES
-    palette = CITYSCAPES_PALETTE
-    label_ids = CITYSCAPES_LABEL_IDS
-    class_subsets = {"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}
+    info = SYNTHIA_INFO
     id_to_train_id = SYNTHIA_ID_TO_TRAIN_ID
     max_label_id = 255
     label_hint = (
@@ -75,14 +64,8 @@ class SYNTHIA(SegmentationDataset):
         self,
         root: str | Path,
         split_file: str | Path | None = None,
-        size: tuple[int, int] | None = (512, 1024),
-        label_size: LabelSize = "input",
-        train_augment: bool = False,
-        scale_range: tuple[float, float] = (0.5, 1.5),
-        crop_size: tuple[int, int] | None = None,
+        transform: SegmentationTransform = SegmentationTransform(),
         labelled: bool = True,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
     ):
         root = check_root(root, "SYNTHIA", "data.source.init_args.root", "RGB/ and GT/LABELS/")
         names, images, labels = folder_pairs(
@@ -93,14 +76,8 @@ class SYNTHIA(SegmentationDataset):
             labels,
             names,
             split=Path(split_file).stem if split_file is not None else None,
-            size=size,
-            label_size=label_size,
-            train_augment=train_augment,
-            scale_range=scale_range,
-            crop_size=crop_size,
+            transform=transform,
             labelled=labelled,
-            mean=mean,
-            std=std,
         )
 
     def read_label(self, path: Path) -> Tensor:

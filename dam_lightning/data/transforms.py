@@ -8,6 +8,9 @@ neighbour and padded with 255 (ignored): a mask value is never interpolated. No 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,18 +22,25 @@ from torchvision.transforms.v2 import functional as F
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.errors import DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationTransform", "resize_mask"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "LabelSize", "SegmentationTransform", "resize_mask",
+]  # fmt: skip
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+LabelSize = Literal["input", "native"]
 
+
+@dataclass(frozen=True)
 class SegmentationTransform:
-    """Turn a uint8 image (3, H, W) and an optional uint8 mask (H, W) into network inputs.
+    """How a segmentation dataset turns a uint8 image (3, H, W) and an optional uint8 mask
+    (H, W) into network inputs: the settings (one config mapping, ``transform:``) and the
+    callable that applies them.
 
     Evaluation (``train_augment=False``): the image is resized to ``size`` (bilinear,
     antialiased); the mask is resized to ``size`` with nearest neighbour (``resize_mask``), or
-    left at its own resolution when ``resize_mask=False`` (scoring at label resolution).
+    left at its own resolution when ``label_size="native"`` (scoring at label resolution).
 
     Training (``train_augment=True``): one random factor ``s`` drawn uniformly from
     ``scale_range`` resizes image and mask to ``s * size``; then a random ``crop_size`` crop
@@ -39,7 +49,10 @@ class SegmentationTransform:
     which DataLoader workers seed per worker.
 
     Finally the image becomes float32 in [0, 1], normalised by ``mean``/``std``. The mask keeps
-    its dtype and values (map ids afterwards). ``size=None`` keeps the file resolution.
+    its dtype and values (map ids afterwards). Frozen: ``dataclasses.replace`` makes a variant
+    (``eval_view``). In a config it is a nested mapping of the dataset's init args::
+
+        transform: {size: [512, 1024], train_augment: true}
 
     Example:
         >>> t = SegmentationTransform(size=(4, 8))
@@ -53,55 +66,70 @@ class SegmentationTransform:
         [(3, 4, 4), (4, 4)]
         >>> tuple(t(image).shape)  # no mask: the image alone
         (3, 4, 8)
+        >>> aug.eval_view()
+        SegmentationTransform(size=(4, 8))
     """
 
-    def __init__(
-        self,
-        size: Sequence[int] | None = (512, 1024),
-        train_augment: bool = False,
-        scale_range: Sequence[float] = (0.5, 1.5),
-        crop_size: Sequence[int] | None = None,
-        resize_mask: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ):
-        self.size = _pair("size", size)
-        self.crop_size = _pair("crop_size", crop_size) or self.size
-        low, high = (float(v) for v in scale_range)
+    size: tuple[int, int] | None = (512, 1024)
+    """The network input (H, W) every image is resized to; None keeps the file resolution."""
+    label_size: LabelSize | None = None
+    """``"input"``: the label is resized (nearest) to ``size``; ``"native"``: it keeps its file
+    resolution (scoring at label resolution). None: the dataset's default, ``"input"`` except
+    for Cityscapes' val and test splits (``"native"``)."""
+    train_augment: bool = False
+    """Random joint scale, crop and horizontal flip (training sets)."""
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    """(low, high) of the random scale factor of ``size``, with ``train_augment``."""
+    crop_size: tuple[int, int] | None = None
+    """(H, W) of the random crop, with ``train_augment``; None: ``size``."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean subtracted from the image in [0, 1] (ImageNet's)."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel standard deviation the image is divided by (ImageNet's)."""
+
+    def __post_init__(self):
+        if self.label_size not in ("input", "native", None):
+            raise DataError(f"label_size must be 'input' or 'native', got {self.label_size!r}")
+        low, high = (float(v) for v in self.scale_range)
         if not 0 < low <= high:
             raise DataError(
-                f"scale_range {tuple(scale_range)} must be (low, high) with 0 < low <= high, "
+                f"scale_range {tuple(self.scale_range)} must be (low, high) with 0 < low <= high, "
                 "e.g. (0.5, 1.5)"
             )
-        if train_augment and not resize_mask:
+        normalised = {  # YAML and jsonargparse give lists: store hashable tuples
+            "size": _pair("size", self.size),
+            "crop_size": _pair("crop_size", self.crop_size),
+            "scale_range": (low, high),
+            "mean": tuple(float(m) for m in self.mean),
+            "std": tuple(float(s) for s in self.std),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        if self.train_augment and self.label_size == "native":
             raise DataError(
                 "train_augment=True crops image and mask together, so the mask cannot stay at "
                 "its native size: use label_size='input' for training sets"
             )
-        if train_augment and self.crop_size is None:
+        if self.train_augment and self.crop_size is None and self.size is None:
             raise DataError("train_augment=True with size=None needs a crop_size=(H, W)")
-        self.train_augment, self.resize_mask = train_augment, resize_mask
-        self.scale_range = (low, high)
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
-        self._crop_and_flip = None
-        if train_augment:
-            fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-            self._crop_and_flip = v2.Compose(
-                [
-                    v2.RandomCrop(self.crop_size, pad_if_needed=True, fill=fill),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
+
+    @property
+    def resize_mask(self) -> bool:
+        """Whether the mask is resized to ``size`` (``label_size`` is not ``"native"``)."""
+        return self.label_size != "native"
 
     def eval_view(self) -> SegmentationTransform:
         """The same resize and normalisation without the random steps."""
-        return SegmentationTransform(
-            self.size,
-            train_augment=False,
-            crop_size=self.crop_size,
-            resize_mask=self.resize_mask,
-            mean=self.mean,
-            std=self.std,
+        return replace(self, train_augment=False)
+
+    @cached_property
+    def _crop_and_flip(self) -> v2.Compose:
+        fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+        return v2.Compose(
+            [
+                v2.RandomCrop(self.crop_size or self.size, pad_if_needed=True, fill=fill),
+                v2.RandomHorizontalFlip(),
+            ]
         )
 
     def __call__(self, image: Tensor, mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -131,9 +159,10 @@ class SegmentationTransform:
     def __repr__(self) -> str:
         parts = [f"size={self.size}"]
         if self.train_augment:
-            parts += [f"scale_range={self.scale_range}", f"crop_size={self.crop_size}", "flip"]
+            crop = self.crop_size or self.size
+            parts += [f"scale_range={self.scale_range}", f"crop_size={crop}", "flip"]
         if not self.resize_mask:
-            parts.append("resize_mask=False")
+            parts.append("label_size='native'")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
