@@ -66,8 +66,10 @@ def test_ddp_overlay_parses_on_top_of_an_experiment(capsys):
                 "--print_config",
             ]
         )
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert strategy["init_args"]["find_unused_parameters"] is True
+    assert strategy["init_args"]["timeout"] == "0:10:00"  # not PyTorch's 30 minutes
 
 
 def test_reduced_protocol_overlay_switches_both_domains_to_the_test_splits(capsys):

@@ -143,7 +143,7 @@ def test_a_nan_loss_stops_naming_loss_layer_and_step_and_keeps_the_last_good_che
     line = _error(args, capsys)
     assert line.startswith(
         "error: the discriminator loss of layer fc3 (layer/fc3/loss_d) is nan at epoch 1, "
-        "batch 0 (global step 3)"  # 2 source steps (stage 1 is epoch 0), then the D step
+        "batch 0 (global step 2)"  # 2 source steps (stage 1 is epoch 0); stopped before D's
     )
     (last,) = tmp_path.rglob("last.ckpt")
     assert f"The last checkpoint written before it is {last}." in line

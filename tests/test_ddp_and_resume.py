@@ -97,3 +97,26 @@ def test_resume_continues_exactly(tiny_digits, tmp_path, stop_after_epoch):
     expected = straight.state_dict()
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, expected[name]), f"{name} differs after resuming"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("nan", "TrainingStopped: rank 1: the discriminator loss of layer fc3 (layer/fc3/loss_d) "
+                "is nan at epoch 0, batch 2"),
+        ("label", "ConfigError: rank 1: source training batch: label 99 is outside 0..9"),
+    ],
+)  # fmt: skip
+def test_a_failure_on_one_rank_stops_every_rank_with_the_same_line(what, message, tmp_path):
+    """Only rank 1 meets the bad batch; without agreement rank 0 would wait in its next
+    collective until the process group's timeout (30 minutes)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_failure_run.py"), what],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[rank ")]
+    assert sorted(line[:8] for line in lines) == ["[rank 0]", "[rank 1]"], result.stdout[-3000:]
+    assert all(message in line for line in lines), lines

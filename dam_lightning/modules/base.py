@@ -60,6 +60,25 @@ class EvaluatingModule(L.LightningModule):
     def eval_net(self) -> nn.Module:
         raise NotImplementedError
 
+    def raise_together(self, error: Exception | None) -> None:
+        """Raise ``error`` on every process at once: a check inside a step that fails on one
+        DDP rank must stop all of them, or the others wait in their next collective until the
+        process group's timeout (30 minutes by default) and print nothing useful.
+
+        Every rank calls this at the same point of the step, with its own error or None: one
+        tiny all-gather of a flag; only when some rank failed, its error is broadcast and every
+        rank raises it, as ``rank <r>: <message>``. In one process it just raises ``error``."""
+        if self.trainer.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        failed = self.all_gather(torch.tensor(int(error is not None), device=self.device))
+        if not bool(failed.any()):
+            return
+        first = int(failed.nonzero()[0])
+        shared = self.trainer.strategy.broadcast(error, src=first)
+        raise type(shared)(f"rank {first}: {shared}") from error
+
     def forward(self, x: Tensor) -> Tensor:
         return self.eval_net(x)
 

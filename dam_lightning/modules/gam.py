@@ -277,7 +277,7 @@ class GAMAdaptModule(EvaluatingModule):
         """One supervised step of F_s (stage 1); the last one hands over to adaptation."""
         optimizer = self._optimizer("source")
         x, y = batch
-        self.task.check_labels(y, "source training batch")
+        self.raise_together(self.task.label_error(y, "source training batch"))
         self.toggle_optimizer(optimizer)
         loss = self.task.loss(self.source_net(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -350,7 +350,7 @@ class GAMAdaptModule(EvaluatingModule):
         losses = {}
         if self.discriminators:
             losses = self._discriminator_step(
-                self._optimizer("discriminator"), source_acts, target_acts
+                self._optimizer("discriminator"), source_acts, target_acts, batch_idx
             )
         self._target_step(self._optimizer("target"), source_acts, target_acts, losses, batch_idx)
         self._step_schedulers()
@@ -363,8 +363,12 @@ class GAMAdaptModule(EvaluatingModule):
                 "or add the GaussianMatching callback"
             )
 
-    def _discriminator_step(self, optimizer, source_acts: dict, target_acts: dict) -> dict:
-        """One step of the discriminators; returns their losses (for the finiteness check)."""
+    def _discriminator_step(
+        self, optimizer, source_acts: dict, target_acts: dict, batch_idx: int
+    ) -> dict:
+        """One step of the discriminators, unless a loss is NaN/inf on some rank (then every
+        rank stops before any weight, here or on another rank through DDP's gradient
+        all-reduce, took it in); returns their losses."""
         self.toggle_optimizer(optimizer)
         total, losses = 0.0, {}
         for name, weight in self.layers.items():
@@ -375,6 +379,7 @@ class GAMAdaptModule(EvaluatingModule):
             losses[layer_key(name, "loss_d")] = loss.detach()
             self.log(layer_key(name, "loss_d"), loss)
             self.log(layer_key(name, "acc_d"), self.gan.accuracy(real, fake), prog_bar=True)
+        self._stop_unless_finite(losses, batch_idx)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
@@ -406,13 +411,16 @@ class GAMAdaptModule(EvaluatingModule):
             self._log_activation_gaps(source_acts, target_acts)
 
     def _stop_unless_finite(self, losses: dict, batch_idx: int) -> None:
-        """Raise FloatingPointError naming the first loss of this batch that is NaN or inf, the
-        layer it belongs to and the step (one device sync per batch)."""
+        """Stop every rank with ``TrainingStopped`` (a FloatingPointError) naming the first loss
+        of this batch that is NaN or inf on some rank, the layer it belongs to and the step (one
+        device sync per batch; under DDP one all-gather of a flag)."""
         values = torch.stack([v.float().reshape(()) for v in losses.values()])
         finite = torch.isfinite(values)
-        if bool(finite.all()):
-            return
-        index = int((~finite).nonzero()[0])
+        error = None if bool(finite.all()) else self._non_finite_error(losses, values, batch_idx)
+        self.raise_together(error)
+
+    def _non_finite_error(self, losses: dict, values, batch_idx: int) -> TrainingStopped:
+        index = int((~torch.isfinite(values)).nonzero()[0])
         key, what = list(losses)[index], "the weight drift"
         if key.startswith("layer/"):
             layer, loss = key.removeprefix("layer/").rsplit("/", 1)
@@ -420,11 +428,11 @@ class GAMAdaptModule(EvaluatingModule):
                 "loss_d": f"the discriminator loss of layer {layer}",
                 "loss_g": f"the adversarial loss of F_t at layer {layer}",
             }[loss]
-        raise TrainingStopped(
+        return TrainingStopped(
             f"{what} ({key}) is {float(values[index])} at epoch {self.current_epoch}, batch "
-            f"{batch_idx} (global step {self.trainer.global_step}); training stopped before F_t "
-            f"was updated with it. {_last_checkpoint_text(self.trainer)} Lower the learning "
-            "rates or adversarial_weight, or check the data for NaN/inf"
+            f"{batch_idx} (global step {self.trainer.global_step}); training stopped before any "
+            f"weights were updated with it. {_last_checkpoint_text(self.trainer)} Lower the "
+            "learning rates or adversarial_weight, or check the data for NaN/inf"
         )
 
     @torch.no_grad()

@@ -127,7 +127,7 @@ class SourceModule(EvaluatingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = batch["source"]
-        self.task.check_labels(y, "source training batch")
+        self.raise_together(self.task.label_error(y, "source training batch"))
         if self.augment is not None:
             x = self.augment(x)
         loss = self.task.loss(self.net(x), y)

@@ -105,17 +105,25 @@ class Task:
     def check_labels(self, labels: Tensor, where: str) -> None:
         """Raise a clear error when labels fall outside ``0..num_classes-1`` (and the ignore
         value, for segmentation)."""
+        error = self.label_error(labels, where)
+        if error is not None:
+            raise error
+
+    def label_error(self, labels: Tensor, where: str) -> ConfigError | None:
+        """The error ``check_labels`` would raise, or None (for checks that raise together
+        across DDP ranks, ``EvaluatingModule.raise_together``)."""
         valid = (labels >= 0) & (labels < self.num_classes)
         if self.name == "segmentation":
             valid |= labels == IGNORE_INDEX
         if labels.numel() and not bool(valid.all()):
             bad = labels[~valid][0].item()
             ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
-            raise ConfigError(
+            return ConfigError(
                 f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore} "
                 f"(num_classes={self.num_classes}); labels must be class indices counted from 0 "
                 "(e.g. remap 1..10 to 0..9), or the dataset's num_classes is wrong"
             )
+        return None
 
     def update(
         self, metrics, net: nn.Module, x: Tensor, labels: Tensor, where: str = "evaluation batch"
