@@ -213,3 +213,84 @@ def test_activation_gaps_are_measured_only_on_batches_whose_logs_are_written(tin
     module = GapSpy(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=1)
     _trainer(max_steps=13, log_every_n_steps=3).fit(module, dm)  # 1 source, 6 GAM batches
     assert module.measured == 2
+
+
+def _mixed(precision: str) -> dict:
+    """Trainer arguments for a mixed precision; "16-mixed" with a GradScaler also on the CPU
+    (Lightning turns a plain "16-mixed" into bf16 there, without a scaler)."""
+    if precision == "16-mixed":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+class FirstAdaptationBatch(L.Callback):
+    """Snapshots of the discriminators and F_t around the first adaptation batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.adapting and not hasattr(self, "before"):
+            self.before = (_snapshot(pl_module.discriminators), _snapshot(pl_module.target_net))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if hasattr(self, "before") and not hasattr(self, "after"):
+            self.after = (_snapshot(pl_module.discriminators), _snapshot(pl_module.target_net))
+
+
+class InfInDiscriminatorGradient(GAMAdaptModule):
+    """At the first adaptation batch, one discriminator gradient becomes inf (an fp16 overflow)."""
+
+    poisoned = False
+
+    def on_after_backward(self) -> None:
+        grad = next(self.discriminators.parameters()).grad
+        if self.adapting and not self.poisoned and grad is not None:
+            grad.fill_(float("inf"))
+            self.poisoned = True
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_gam_steps_train_both_networks(tiny_digits, precision):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, layers={"fc3": 0.1, "fc4": 1.0}, source_steps=2)
+    spy = FirstAdaptationBatch()
+    trainer = _trainer(max_steps=2 + 2 * 3, callbacks=[spy], **_mixed(precision))
+    trainer.fit(module, dm)
+    for key in ("layer/fc3/loss_d", "layer/fc4/loss_g", "train/drift", "train/loss_g"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+    (d_before, t_before), (d_after, t_after) = spy.before, spy.after
+    assert _changed(d_before, module.discriminators) and _changed(t_before, module.target_net)
+
+
+def test_an_inf_gradient_skips_only_the_step_of_the_optimizer_it_hit(tiny_digits, tmp_path):
+    """16-mixed: the GradScaler skips the discriminators' step whose gradient overflowed, F_t
+    still steps, the scale halves; the scaler's state is saved and a resume restores it."""
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = InfInDiscriminatorGradient(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=2)
+    spy = FirstAdaptationBatch()
+    trainer = _trainer(max_steps=2 + 2, callbacks=[spy], **_mixed("16-mixed"))
+    trainer.fit(module, dm)  # stage 1, then one adaptation batch: the poisoned one
+    (d_before, t_before), (d_after, t_after) = spy.before, spy.after
+    assert module.poisoned
+    assert not _changed(d_before, module.discriminators)  # D's step skipped
+    assert _changed(t_before, module.target_net)  # F_t's step taken
+    scale = trainer.precision_plugin.scaler.get_scale()
+    assert scale == 65536.0 / 2
+    checkpoint = tmp_path / "inf.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = _trainer(max_steps=2 + 2, **_mixed("16-mixed"))
+    resumed.fit(GAMAdaptModule(LeNet, num_classes=10, layers={"fc4": 1.0}, source_steps=2), dm,
+                ckpt_path=checkpoint)  # fmt: skip
+    assert resumed.precision_plugin.scaler.get_scale() == scale
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_16_bit_weights_are_refused_naming_bf16_mixed(tiny_digits, precision):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=32)
+    module = GAMAdaptModule(LeNet, num_classes=10, source_steps=2)
+    with pytest.raises(ValueError, match=f"precision='{precision}'.*bf16-mixed"):
+        _trainer(max_steps=2, precision=precision).fit(module, dm)

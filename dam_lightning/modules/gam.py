@@ -246,6 +246,13 @@ class GAMAdaptModule(EvaluatingModule):
         return bool(self.source_ready)
 
     def on_fit_start(self) -> None:
+        if self.trainer.precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision!r} keeps the weights themselves in "
+                "16 bits: the small updates of adaptation (Adam at lr 1e-4 or 2e-4, next to the "
+                "weight drift's pull) fall below their resolution and F_t barely moves. Use "
+                "precision: bf16-mixed (fp32 weights, bf16 compute) or 16-mixed"
+            )
         if self.adapting:  # resumed from a checkpoint that holds the final F_s and F_t
             self.source_net.requires_grad_(False)
         elif self.hparams.source_weights:
