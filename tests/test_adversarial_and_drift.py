@@ -99,3 +99,49 @@ def test_weight_drift_refuses_different_architectures():
         weight_drift(LeNet(10), LeNet(5))
     with pytest.raises(ValueError, match="reduction"):
         weight_drift(LeNet(10), LeNet(10), "max")
+
+
+@pytest.mark.parametrize("reduction", ["mean_per_tensor", "sum"])
+def test_weight_drift_on_erfnet_is_a_few_kernels_and_equals_the_per_tensor_formula(reduction):
+    """ERFNet has 226 parameter tensors: the drift (forward + backward) must not cost a few
+    kernels per tensor. Counted with a dispatch mode; autograd's own per-parameter `detach`
+    when it stores a gradient (a view, no kernel) is left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dam_lightning.models import ERFNet
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    source, target = ERFNet(19, width=0.5), ERFNet(19, width=0.5)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    source.requires_grad_(False)
+    terms = []
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        squared = (t - s).pow(2)
+        terms.append(squared.mean() if reduction == "mean_per_tensor" else squared.sum())
+    torch.stack(terms).sum().backward()
+    expected = {n: p.grad.clone() for n, p in target.named_parameters()}
+    reference = torch.stack(terms).sum().item()
+    target.zero_grad(set_to_none=True)
+
+    counter = CountOps()
+    with counter:
+        value = weight_drift(target, source, reduction)
+        value.backward()
+    kernels = [op for op in counter.ops if op is not torch.ops.aten.detach.default]
+    assert len(kernels) <= 20, sorted({str(op) for op in kernels})
+    assert value.item() == pytest.approx(reference, rel=1e-6)
+    for name, p in target.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None for p in source.parameters())

@@ -36,15 +36,41 @@ def weight_drift(
     if reduction not in ("mean_per_tensor", "sum"):
         raise ConfigError(f"unknown drift reduction {reduction!r}: use 'mean_per_tensor' or 'sum'")
     source = dict(source_net.named_parameters())
-    terms = []
+    targets, sources = [], []
     for name, theta_t in target_net.named_parameters():
         if name not in source or source[name].shape != theta_t.shape:
             raise ConfigError(
                 f"target parameter {name!r} {tuple(theta_t.shape)} has no counterpart of the same "
                 "shape in the source network: the two networks must share one architecture"
             )
-        squared = (theta_t - source[name].detach()).pow(2)
-        terms.append(squared.mean() if reduction == "mean_per_tensor" else squared.sum())
-    if not terms:
+        targets.append(theta_t)
+        sources.append(source[name])  # no gradient: _SquaredDistance returns none for it
+    if not targets:
         return torch.zeros(())
-    return torch.stack(terms).sum()
+    scales = [1.0 / t.numel() if reduction == "mean_per_tensor" else 1.0 for t in targets]
+    return _SquaredDistance.apply(scales, *targets, *sources)
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """sum_i scale_i * ||theta_t,i - theta_s,i||^2 in a constant number of kernels, however many
+    parameter tensors there are: foreach ops forward, and the gradient written down directly,
+    2 * scale_i * (theta_t,i - theta_s,i), instead of autograd's few ops per tensor (ERFNet has
+    226 tensors: 2,300 ops per drift before, a GAM step's largest share outside the optimisers).
+    The source tensors get no gradient."""
+
+    @staticmethod
+    def forward(ctx, scales: list[float], *tensors: Tensor) -> Tensor:
+        half = len(tensors) // 2
+        diffs = torch._foreach_sub(tensors[:half], tensors[half:])
+        squares = torch.stack(torch._foreach_norm(diffs)).square()
+        value = (squares * squares.new_tensor(scales)).sum()
+        ctx.scales = scales
+        ctx.diffs = diffs  # intermediates, not inputs: kept on ctx (unpacking saved tensors costs
+        return value  # a detach per tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        diffs, ctx.diffs = ctx.diffs, None
+        grads = torch._foreach_mul(diffs, [2.0 * s for s in ctx.scales])
+        torch._foreach_mul_(grads, grad)
+        return (None, *grads, *([None] * len(diffs)))
