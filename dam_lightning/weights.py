@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import datetime
 import glob
+import logging
 import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,9 +33,17 @@ from dam_lightning.errors import (
     UnreadableFileError,
 )
 
+log = logging.getLogger(__name__)
+
 NETWORK_PREFIXES = ("net.", "target_net.")
 """Where a network's weights sit in a checkpoint's ``state_dict``: ``net.`` (``SourceModule``),
 then ``target_net.`` (``GAMAdaptModule``'s adapted network)."""
+
+DATA_PARALLEL = "module."
+"""The prefix ``nn.DataParallel`` and DDP give every key of a network saved through them."""
+
+SHOWN_KEYS = 3
+"""How many keys of each kind a mismatch lists before it counts the rest."""
 
 
 class WeightsFileError(DataError):
@@ -183,15 +193,23 @@ def load_network_weights(
     path: str,
     prefixes: Sequence[str] = NETWORK_PREFIXES,
     setting: str = "source_weights",
+    skip_mismatched_classifier: bool = False,
 ) -> str:
     """Load ``net``'s weights from a ``SourceModule`` checkpoint or a plain state dict; returns
-    where the file came from (its run folder, if recorded, and when it was written).
+    where the file came from (its run folder, if recorded, and when it was written) and what
+    was not loaded as it stands (``load_state``'s notes).
 
     A Lightning checkpoint's ``state_dict`` is searched for the ``prefixes`` in order: by
     default ``net.`` (SourceModule) and then ``target_net.`` (a GAM checkpoint's adapted
     network, to adapt further); ``diagnose`` asks for ``source_net.`` instead, a GAM run's F_s.
-    Errors name ``setting``, the option the file came from. The file is read by
-    ``read_weights_file``: a file holding Python objects besides weights is refused, unrun.
+    Any other checkpoint's ``state_dict`` (e.g. the ERFNet authors' ``{'epoch', 'state_dict',
+    'optimizer'}``) or a plain state dict is taken whole; ``nn.DataParallel``'s ``module.``
+    prefix is removed. A network with a ``translate_weights`` method reads other layouts too
+    (``ERFNet``: the authors' files; ``TorchvisionSegmentation``: torchvision's). Loading is
+    strict (``load_state``); ``skip_mismatched_classifier`` leaves a classifier of another
+    class count initialised. Errors name ``setting``, the option the file came from. The file
+    is read by ``read_weights_file``: a file holding Python objects besides weights is refused,
+    unrun.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -202,21 +220,166 @@ def load_network_weights(
             f"--config configs/{config}.yaml` (which saves it there) or set source_steps"
         )
     blob = read_weights_file(path, setting)
-    state = network_state_dict(blob, prefixes, path, setting)
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        fits = f"{setting}: {path} does not fit {type(net).__name__}"
-        raise ConfigError(f"{fits}: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(
-            f"{setting}: {path} does not fit {type(net).__name__}: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; was it "
-            "trained with the same net and num_classes?"
-        )
+    state = strip_prefix(network_state_dict(blob, prefixes, path, setting), DATA_PARALLEL)
+    notes = load_state(
+        net, state, path, setting, skip_mismatched_classifier=skip_mismatched_classifier
+    )
     written = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M")
     run = checkpoint_origin(blob)
-    return f"written {written}" + (f" by the run in {run}" if run else "")
+    origin = f"written {written}" + (f" by the run in {run}" if run else "")
+    return "; ".join([origin, *notes])
+
+
+class Translated(NamedTuple):
+    """A file's state dict in a network's own layout (what ``translate_weights`` returns).
+
+    Attributes:
+        state: the keys and tensors to load.
+        initialised: prefixes of the network's keys the file does not hold on purpose (e.g. the
+            decoder, for an encoder-only file): left as initialised, not reported as missing.
+        notes: what was dropped or left initialised, one sentence each, for the log.
+    """
+
+    state: dict[str, torch.Tensor]
+    initialised: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def load_state(
+    net: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: str,
+    setting: str,
+    skip_mismatched_classifier: bool = False,
+    initialised: Sequence[str] = (),
+    translate: bool = True,
+    fix: str | None = None,
+) -> list[str]:
+    """Load ``state`` into ``net`` strictly: every key of the network (but those under the
+    ``initialised`` prefixes, and BatchNorm's ``num_batches_tracked``, which files from before
+    torch 0.4 lack) must be there, with its shape, and no other key. ``net.translate_weights``,
+    if the network has one and ``translate``, first turns a foreign layout into its own.
+
+    A mismatch raises a ``ConfigError`` naming ``setting`` and ``path`` that lists the missing,
+    unexpected and wrongly shaped keys (``SHOWN_KEYS`` of each, then a count) and the fix
+    (``fix``, where the caller knows it better than the generic advice). With ``skip_mismatched_classifier``, classifier keys (``net.classifier_layers()``, else the
+    last layer with parameters) whose shape differs (another class count) are left
+    initialised. Returns what was not loaded as it stands, one sentence each; each is also
+    logged (``dam_lightning.weights``, warning level).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4))
+        >>> other = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 5)).state_dict()
+        >>> load_state(net, other, "five.pt", "weights")
+        Traceback (most recent call last):
+        ...
+        dam_lightning.errors.ConfigError: weights: five.pt does not fit Sequential: 2 wrongly shaped (1.weight: file (5, 3), network (4, 3); 1.bias: file (5,), network (4,)); the file's classifier (1) has 5 classes, the network's 4: set skip_mismatched_classifier: true to load everything else and leave the classifier initialised, or give the network 5 classes
+        >>> load_state(net, other, "five.pt", "weights", skip_mismatched_classifier=True)
+        ["skipped the classifier 1.weight, 1.bias: the file's has 5 classes, the network's 4; it starts initialised"]
+    """  # noqa: E501
+    state, initialised, notes = dict(state), tuple(initialised), []
+    translator = getattr(net, "translate_weights", None)
+    if translate and callable(translator):
+        translated = translator(state)
+        state = dict(translated.state)
+        initialised += tuple(translated.initialised)
+        notes += list(translated.notes)
+    own = net.state_dict()
+    missing = [
+        k for k in own
+        if k not in state and not k.startswith(initialised)
+        and not k.endswith("num_batches_tracked")
+    ]  # fmt: skip
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    classifier = _classifier_keys(net, own)
+    wrong_classifier = [k for k in wrong if k in classifier]
+    if skip_mismatched_classifier and wrong_classifier:
+        classes = _class_counts(state, own, wrong_classifier)
+        notes.append(
+            f"skipped the classifier {', '.join(wrong_classifier)}: the file's has "
+            f"{classes[0]} classes, the network's {classes[1]}; it starts initialised"
+        )
+        state = {k: v for k, v in state.items() if k not in wrong_classifier}
+        wrong = [k for k in wrong if k not in wrong_classifier]
+        initialised += tuple(wrong_classifier)
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            _mismatch(net, own, state, path, setting, missing, unexpected, wrong, classifier, fix)
+        )
+    net.load_state_dict(state, strict=False)
+    for note in notes:
+        log.warning("%s: %s: %s", setting, path, note)
+    return notes
+
+
+def _classifier_keys(net: nn.Module, own: Mapping[str, torch.Tensor]) -> list[str]:
+    """The state dict keys of ``net``'s classifier: of ``net.classifier_layers()``, else of its
+    last module that holds parameters of its own."""
+    layers = getattr(net, "classifier_layers", None)
+    if callable(layers):
+        names = tuple(layers())
+    else:
+        owners = [n for n, m in net.named_modules() if any(True for _ in m.parameters(False))]
+        names = tuple(owners[-1:])
+    return [k for k in own if k.rsplit(".", 1)[0] in names]
+
+
+def _class_counts(state: Mapping, own: Mapping, keys: Sequence[str]) -> tuple[int, int]:
+    """(the file's, the network's) size along the first axis where a classifier key differs."""
+    first = keys[0]
+    for a, b in zip(state[first].shape, own[first].shape):
+        if a != b:
+            return a, b
+    return state[first].numel(), own[first].numel()
+
+
+def _mismatch(net, own, state, path, setting, missing, unexpected, wrong, classifier, fix) -> str:
+    """The one-line message of a file that does not fit ``net``: the keys, then the fix."""
+    name = type(net).__name__
+    parts = [f"{len(missing)} missing ({_few(missing)})"] if missing else []
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if wrong:
+        shapes = [
+            f"{k}: file {tuple(state[k].shape)}, network {tuple(own[k].shape)}"
+            for k in wrong[:SHOWN_KEYS]
+        ]
+        more = f" and {len(wrong) - SHOWN_KEYS} more" if len(wrong) > SHOWN_KEYS else ""
+        parts.append(f"{len(wrong)} wrongly shaped ({'; '.join(shapes)}{more})")
+    message = f"{setting}: {path} does not fit {name}: {', '.join(parts)}; "
+    if wrong and not missing and not unexpected and set(wrong) <= set(classifier):
+        file_classes, net_classes = _class_counts(state, own, wrong)
+        layer = sorted({k.rsplit(".", 1)[0] for k in wrong})
+        return message + (
+            f"the file's classifier ({', '.join(layer)}) has {file_classes} classes, the "
+            f"network's {net_classes}: set skip_mismatched_classifier: true to load everything "
+            f"else and leave the classifier initialised, or give the network {file_classes} "
+            "classes"
+        )
+    if fix:
+        return message + fix
+    if state and not set(state) & set(own):
+        return message + (
+            f"none of the file's {len(state)} keys is a key of {name} (the file's start "
+            f"{_few(sorted({_head(k) for k in state}))}, the network's "
+            f"{_few(sorted({_head(k) for k in own}))}): is it the weights of another network?"
+        )
+    return message + (
+        f"was it saved from the same network ({name} with the same options) and num_classes? "
+        "Pass a file of that network, or build the network as the file was"
+    )
+
+
+def _few(keys: Sequence[str]) -> str:
+    """The first ``SHOWN_KEYS`` of ``keys``, then how many more."""
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def _head(key: str) -> str:
+    """A key's first name with a dot: where in the network it sits."""
+    return key.split(".", 1)[0] + "."
 
 
 def checkpoint_origin(blob: dict) -> str | None:

@@ -134,16 +134,166 @@ def test_weights_round_trip_from_a_state_dict_or_checkpoint(tmp_path, layout):
 
 def test_weights_that_are_missing_or_do_not_fit_are_clear_errors(tmp_path):
     missing = tmp_path / "nothing.pt"
-    with pytest.raises(FileNotFoundError, match=r"ERFNet weights file .*nothing.pt does not"):
+    with pytest.raises(FileNotFoundError, match=r"^weights: .*nothing.pt does not exist; pass"):
         ERFNet(5, width=0.25, weights=str(missing))
     other = tmp_path / "other_classes.pt"
     torch.save(small_erfnet(num_classes=19).state_dict(), other)
-    with pytest.raises(ValueError, match=r"other_classes.pt does not fit ERFNet"):
+    with pytest.raises(ValueError, match=r"^weights: .*other_classes.pt does not fit ERFNet: 2 "
+                       r"wrongly shaped .*19 classes, the network's 5: set "
+                       r"skip_mismatched_classifier: true"):  # fmt: skip
         ERFNet(5, width=0.25, weights=str(other))
     encoder = tmp_path / "encoder.pt"
     torch.save(small_erfnet(encoder_only=True).state_dict(), encoder)
-    with pytest.raises(ValueError, match=r"encoder.pt does not fit ERFNet: missing \['decoder"):
+    decoder_keys = [k for k in small_erfnet().state_dict() if k.startswith("decoder.")]
+    decoder_keys = [k for k in decoder_keys if not k.endswith("num_batches_tracked")]
+    with pytest.raises(ValueError) as info:
         ERFNet(5, width=0.25, weights=str(encoder))
+    assert f"encoder.pt does not fit ERFNet: {len(decoder_keys)} missing (" in str(info.value)
+    shown = ", ".join(decoder_keys[:3])
+    assert f"({shown} and {len(decoder_keys) - 3} more); was it saved" in str(info.value)
+
+
+# The authors' files (Eromera/erfnet_pytorch): their Net has this ERFNet's keys, but always the
+# encoder's own classifier encoder.output_conv too; their files were written by torch < 0.4
+# (no num_batches_tracked), the released one and the training checkpoints through DataParallel.
+
+
+def authors_state(num_classes: int = 20, prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """The state dict of the authors' ``Net(num_classes)`` at width 0.25, in their layout."""
+    full = ERFNet(num_classes, width=0.25).state_dict()
+    encoder_classifier = {
+        k: v
+        for k, v in ERFNet(num_classes, encoder_only=True, width=0.25).state_dict().items()
+        if k.startswith("encoder.output_conv.")
+    }
+    state = {**full, **encoder_classifier}
+    return {prefix + k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _same_as(net: nn.Module, source: dict[str, torch.Tensor], skip=()) -> None:
+    """Every tensor of ``net`` (but ``skip``) equals ``source``'s, ``module.`` removed."""
+    source = {k.removeprefix("module."): v for k, v in source.items()}
+    for name, value in net.state_dict().items():
+        if not name.endswith("num_batches_tracked") and not name.startswith(skip):
+            assert torch.equal(value, source[name]), name
+
+
+def _fresh(num_classes, **kwargs) -> ERFNet:
+    torch.manual_seed(7)
+    return ERFNet(num_classes, width=0.25, **kwargs).eval()
+
+
+def test_the_authors_released_checkpoint_loads_with_its_20_classes(tmp_path, caplog):
+    """``erfnet_pretrained.pth``: ``torch.save(DataParallel(Net(20)).state_dict())``."""
+    released = authors_state(20)
+    torch.save(released, tmp_path / "erfnet_pretrained.pth")
+    caplog.set_level("WARNING", logger="dam_lightning.weights")
+    net = ERFNet(20, width=0.25, weights=str(tmp_path / "erfnet_pretrained.pth")).eval()
+    _same_as(net, released)
+    assert "dropped encoder.output_conv.* (the encoder-only classifier, unused" in caplog.text
+    assert "weights: " in caplog.text
+    # the encoder-only network takes the same file: its classifier is the authors' encoder's
+    encoder = ERFNet(20, True, width=0.25, weights=str(tmp_path / "erfnet_pretrained.pth"))
+    _same_as(encoder, released)
+    assert "dropped decoder.* (unused by the encoder-only network" in caplog.text
+
+
+def test_the_authors_20_classes_into_19_need_the_option_and_skip_only_the_classifier(
+    tmp_path, caplog
+):
+    released = authors_state(20)
+    torch.save(released, tmp_path / "erfnet_pretrained.pth")
+    path = str(tmp_path / "erfnet_pretrained.pth")
+    with pytest.raises(ValueError) as info:
+        ERFNet(19, width=0.25, weights=path)
+    assert str(info.value) == (
+        f"weights: {path} does not fit ERFNet: 2 wrongly shaped (decoder.output_conv.weight: "
+        "file (4, 20, 2, 2), network (4, 19, 2, 2); decoder.output_conv.bias: file (20,), "
+        "network (19,)); the file's classifier (decoder.output_conv) has 20 classes, the "
+        "network's 19: set skip_mismatched_classifier: true to load everything else and leave "
+        "the classifier initialised, or give the network 20 classes"
+    )
+    caplog.set_level("WARNING", logger="dam_lightning.weights")
+    net = _fresh(19, weights=path, skip_mismatched_classifier=True)
+    _same_as(net, released, skip="decoder.output_conv.")
+    initialised = _fresh(19).decoder.output_conv
+    assert torch.equal(net.decoder.output_conv.weight, initialised.weight)
+    assert torch.equal(net.decoder.output_conv.bias, initialised.bias)
+    assert (
+        f"weights: {path}: skipped the classifier decoder.output_conv.weight, "
+        "decoder.output_conv.bias: the file's has 20 classes, the network's 19; it starts "
+        "initialised"
+    ) in caplog.text
+
+
+def test_the_authors_training_checkpoint_loads(tmp_path):
+    """``save_checkpoint({'epoch', 'arch', 'state_dict', 'best_acc', 'optimizer'})`` of
+    their main.py, through DataParallel; read as weights only like every file."""
+    trained = ERFNet(20, width=0.25)
+    optimizer = torch.optim.Adam(trained.parameters(), 5e-4)
+    trained(torch.randn(1, 3, 16, 16)).mean().backward()
+    optimizer.step()
+    state = authors_state(20)
+    state.update({f"module.{k}": v for k, v in trained.state_dict().items()
+                  if not k.endswith("num_batches_tracked")})  # fmt: skip
+    checkpoint = {"epoch": 151, "arch": str(trained), "state_dict": state, "best_acc": 0.72,
+                  "optimizer": optimizer.state_dict()}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "checkpoint.pth.tar")
+    net = ERFNet(20, width=0.25, weights=str(tmp_path / "checkpoint.pth.tar")).eval()
+    _same_as(net, state)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), trained.eval()(x))
+
+
+@pytest.mark.parametrize("encoder_only", [False, True], ids=["full", "encoder"])
+def test_a_plain_state_dict_of_the_reference_network_loads(tmp_path, encoder_only):
+    reference = authors_state(19, prefix="")
+    torch.save(reference, tmp_path / "erfnet.pt")
+    net = ERFNet(19, encoder_only, width=0.25, weights=str(tmp_path / "erfnet.pt"))
+    _same_as(net, reference)
+
+
+def test_the_imagenet_encoder_loads_into_the_encoder_only(tmp_path, caplog):
+    """The authors' ``erfnet_encoder_pretrained.pth.tar``: their ImageNet ``ERFNet(1000)``
+    (``features.encoder`` and a ``classifier.linear``) through DataParallel."""
+    encoder = {k: v for k, v in ERFNet(19, width=0.25).state_dict().items()
+               if k.startswith("encoder.") and not k.endswith("num_batches_tracked")}  # fmt: skip
+    state = {f"module.features.{k}": v for k, v in encoder.items()}
+    state["module.classifier.linear.weight"] = torch.randn(10, 32)
+    state["module.classifier.linear.bias"] = torch.randn(10)
+    blob = {"epoch": 90, "arch": "erfnet", "state_dict": state, "best_prec1": 72.1}
+    torch.save(blob, tmp_path / "erfnet_encoder_pretrained.pth.tar")
+    caplog.set_level("WARNING", logger="dam_lightning.weights")
+    for encoder_only in (False, True):
+        path = str(tmp_path / "erfnet_encoder_pretrained.pth.tar")
+        net = _fresh(19, encoder_only=encoder_only, weights=path)
+        _same_as(net, encoder, skip=("decoder.", "encoder.output_conv."))
+        fresh = _fresh(19, encoder_only=encoder_only)
+        for name, value in fresh.state_dict().items():
+            if name.startswith(("decoder.", "encoder.output_conv.")):
+                assert torch.equal(net.state_dict()[name], value), name
+    assert (
+        "the ImageNet-pretrained encoder (features.encoder.*) loaded into the encoder only; "
+        "the decoder and the classifier start initialised (ImageNet's classifier.linear "
+        "dropped)"
+    ) in caplog.text
+
+
+def test_files_of_another_network_say_so_naming_the_setting(tmp_path):
+    from dam_lightning.weights import load_network_weights
+
+    state = {**authors_state(19, prefix=""), **{f"bogus.{i}": torch.zeros(1) for i in range(5)}}
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"^init_weights: .*extra.pt does not fit ERFNet: 5 "
+                       r"unexpected \(bogus.0, bogus.1, bogus.2 and 2 more\); was it saved"):  # fmt: skip
+        load_network_weights(ERFNet(19, width=0.25), str(tmp_path / "extra.pt"),
+                             setting="init_weights")  # fmt: skip
+    torch.save({"conv1.weight": torch.zeros(2), "fc.bias": torch.zeros(2)}, tmp_path / "r.pt")
+    with pytest.raises(ValueError, match=r"^source_weights: .* none of the file's 2 keys is a "
+                       r"key of ERFNet \(the file's start conv1., fc., the network's "
+                       r"decoder., encoder.\): is it the weights of another network\?"):  # fmt: skip
+        load_network_weights(ERFNet(19, width=0.25), str(tmp_path / "r.pt"))
 
 
 # The torchvision adapter
@@ -212,11 +362,60 @@ def test_backbone_weights_load_from_the_classification_model(tmp_path):
 def test_torchvision_weights_that_do_not_fit_are_clear_errors(tmp_path):
     path = tmp_path / "nineteen.pt"
     torch.save(TorchvisionSegmentation(19).state_dict(), path)
-    with pytest.raises(ValueError, match=r"nineteen.pt does not fit LRASPP .*num_classes"):
+    with pytest.raises(ValueError, match=r"^weights: .*nineteen.pt does not fit Torchvision"
+                       r"Segmentation: 4 wrongly shaped .* has 19 classes, the network's 4: set "
+                       r"skip_mismatched_classifier: true"):  # fmt: skip
         TorchvisionSegmentation(4, weights=str(path))
-    with pytest.raises(ValueError, match=r"nineteen.pt does not fit IntermediateLayerGetter"):
+    with pytest.raises(ValueError, match=r"^backbone_weights: .*nineteen.pt does not fit "
+                       r"TorchvisionSegmentation: \d+ missing .*is it a resnet50 state dict"):  # fmt: skip
         TorchvisionSegmentation(4, arch="fcn_resnet50", backbone_weights=str(path))
-    with pytest.raises(FileNotFoundError, match=r"absent.pt does not exist.*never made"):
+    with pytest.raises(FileNotFoundError, match=r"^weights: .*absent.pt does not exist.*never"):
         TorchvisionSegmentation(4, weights=str(tmp_path / "absent.pt"))
     with pytest.raises(ValueError, match=r"unknown arch 'unet'.*lraspp_mobilenet_v3_large"):
         TorchvisionSegmentation(4, arch="unet")
+
+
+def test_a_torchvision_coco_file_loads_all_but_its_21_class_classifier_when_asked(tmp_path,
+                                                                                   caplog):  # fmt: skip
+    """torchvision's own DeepLabV3 COCO file layout (21 classes, ``aux_classifier.*``)."""
+    coco = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    ).state_dict()
+    path = tmp_path / "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
+    torch.save(coco, path)
+    arch = "deeplabv3_mobilenet_v3_large"
+    with pytest.raises(ValueError, match=r"^weights: .* 2 wrongly shaped \(model.classifier.4."
+                       r"weight: file \(21, 256, 1, 1\), network \(19, 256, 1, 1\);.*the "
+                       r"file's classifier \(model.classifier.4\) has 21 classes"):  # fmt: skip
+        TorchvisionSegmentation(19, arch=arch, weights=str(path))
+    caplog.set_level("WARNING", logger="dam_lightning.weights")
+    torch.manual_seed(3)
+    net = TorchvisionSegmentation(19, arch=arch, weights=str(path), skip_mismatched_classifier=True)
+    torch.manual_seed(3)
+    fresh = TorchvisionSegmentation(19, arch=arch)
+    for key, value in net.state_dict().items():
+        expected = fresh.state_dict()[key] if key.startswith("model.classifier.4.") else coco[key[6:]]
+        assert torch.equal(value, expected), key
+    assert "dropped aux_classifier.* (this adapter has no auxiliary classifier)" in caplog.text
+    assert "skipped the classifier model.classifier.4.weight, model.classifier.4.bias: the " \
+        "file's has 21 classes, the network's 19" in caplog.text
+
+
+@pytest.mark.parametrize("setting", ["backbone_weights", "weights"])
+def test_a_torchvision_resnet101_imagenet_file_loads_the_backbone(tmp_path, setting, caplog):
+    """torchvision's ``resnet101-cd907fc2.pth`` layout (``conv1``, ``layer1-4``, ``fc``) as
+    ``backbone_weights``, or as ``weights`` (the backbone, the head left initialised)."""
+    resnet = torchvision.models.resnet101(weights=None, num_classes=10).state_dict()
+    path = tmp_path / "resnet101-cd907fc2.pth"
+    torch.save(resnet, path)
+    caplog.set_level("WARNING", logger="dam_lightning.weights")
+    torch.manual_seed(5)
+    net = TorchvisionSegmentation(4, arch="deeplabv3_resnet101", **{setting: str(path)})
+    for key, value in net.model.backbone.state_dict().items():
+        assert torch.equal(value, resnet[key]), key
+    torch.manual_seed(5)
+    fresh = TorchvisionSegmentation(4, arch="deeplabv3_resnet101")
+    for key, value in net.model.classifier.state_dict().items():
+        assert torch.equal(value, fresh.model.classifier.state_dict()[key]), key
+    if setting == "weights":
+        assert "the resnet101 classification model loaded into the backbone only" in caplog.text

@@ -90,7 +90,7 @@ def test_erfnet_weights_refuse_it_unrun(malicious):
     path, marker = malicious
     with pytest.raises(UnsafeWeightsFileError) as info:
         ERFNet(4, encoder_only=True, width=0.25, weights=str(path))
-    assert str(info.value).startswith("ERFNet weights: ")
+    assert str(info.value).startswith("weights: ")  # what the user wrote
     _refused(info.value, path, marker)
 
 
@@ -99,7 +99,7 @@ def test_torchvision_weights_refuse_it_unrun(malicious, argument):
     path, marker = malicious
     with pytest.raises(UnsafeWeightsFileError) as info:
         TorchvisionSegmentation(4, **{argument: str(path)})
-    assert str(info.value).startswith(f"TorchvisionSegmentation {argument}: ")
+    assert str(info.value).startswith(f"{argument}: ")
     _refused(info.value, path, marker)
 
 
@@ -274,3 +274,29 @@ def test_a_cli_run_s_checkpoint_loads_and_validates_as_weights_only(tmp_path, ca
     main(_demo(tmp_path, f"--ckpt_path={last}", command="validate"))
     assert "val/target/acc" in capsys.readouterr().out
     assert asked == [True]
+
+
+# ---- the formats users have: the ERFNet authors' files (tests/test_erfnet.py has each one) ---
+
+
+def test_init_and_source_weights_take_the_authors_file_and_name_their_setting(tmp_path):
+    """``init_weights`` and ``source_weights`` go through ``load_network_weights``: the
+    authors' DataParallel file loads, its 20 classes into 19 only with the option, and every
+    message names the setting the user wrote."""
+    released = {f"module.{k}": v for k, v in ERFNet(20, width=0.25).state_dict().items()}
+    path = str(tmp_path / "erfnet_pretrained.pth")
+    torch.save(released, path)
+    for setting in ("init_weights", "source_weights"):
+        with pytest.raises(ValueError, match=rf"^{setting}: .* has 20 classes, the network's "
+                           "19: set skip_mismatched_classifier: true"):  # fmt: skip
+            load_network_weights(ERFNet(19, width=0.25), path, setting=setting)
+    net = ERFNet(19, width=0.25)
+    origin = load_network_weights(net, path, setting="init_weights",
+                                  skip_mismatched_classifier=True)  # fmt: skip
+    assert origin.startswith("written ") and "; skipped the classifier decoder.output_conv" in origin
+    for name, value in net.state_dict().items():
+        if not name.startswith("decoder.output_conv."):
+            assert torch.equal(value, released[f"module.{name}"]), name
+    full = ERFNet(20, width=0.25)
+    assert load_network_weights(full, path).startswith("written ")
+    assert all(torch.equal(v, released[f"module.{k}"]) for k, v in full.state_dict().items())

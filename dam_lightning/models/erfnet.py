@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dam_lightning.errors import ConfigError, MissingFileError
-from dam_lightning.weights import load_network_weights
+from dam_lightning.weights import Translated, load_network_weights
 
 BATCHNORM_EPS = 1e-3  # as in the original ERFNet
 ENCODER_DROPOUT = (0.03, 0.3)  # the original's dropout in the 64- and 128-channel blocks
@@ -179,7 +179,15 @@ class ERFNet(nn.Module):
             original's 0.03 (64-channel blocks) and 0.3 (128-channel blocks), 0 turns it off.
             The decoder has none, as in the original.
         weights: a local file: a state dict of this network, or a Lightning checkpoint whose
-            ``state_dict`` holds it under ``net.`` (SourceModule) or ``target_net.`` (GAM).
+            ``state_dict`` holds it under ``net.`` (SourceModule) or ``target_net.`` (GAM); or
+            one of the authors' files (Eromera/erfnet_pytorch, ``translate_weights``): the
+            released ``erfnet_pretrained.pth`` (``module.`` keys, 20 classes), a training
+            checkpoint (``{'epoch', 'state_dict', 'optimizer'}``), a plain state dict of their
+            network, or the ImageNet-pretrained encoder (``erfnet_encoder_pretrained.pth.tar``,
+            ``module.features.encoder.*``: the encoder only, the decoder starts initialised).
+        skip_mismatched_classifier: load everything but a classifier of another class count
+            (e.g. the authors' 20 classes, 19 + void, into 19): it starts initialised, and the
+            log says so. Off, such a file is an error that names this option.
         example_input_shape: one input's (C, H, W), for sizing discriminators with a dry forward.
 
     Example:
@@ -203,6 +211,7 @@ class ERFNet(nn.Module):
         dropout: float | None = None,
         weights: str | None = None,
         example_input_shape: Sequence[int] = (3, 512, 1024),
+        skip_mismatched_classifier: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -215,7 +224,7 @@ class ERFNet(nn.Module):
         self.decoder = None if encoder_only else ERFNetDecoder(channels, num_classes)
         self.example_input_shape = tuple(example_input_shape)
         if weights is not None:
-            load_weights(self, weights)
+            load_weights(self, weights, skip_mismatched_classifier)
 
     @staticmethod
     def paper_taps(encoder_only: bool = False) -> dict[str, float]:
@@ -223,6 +232,58 @@ class ERFNet(nn.Module):
         each; layer 17 is ``encoder.output_conv`` (encoder-only) or ``decoder.output_conv``."""
         classifier = "encoder.output_conv" if encoder_only else "decoder.output_conv"
         return {name: 1.0 for name in [*ERFNet.PAPER_LAYERS.values(), classifier]}
+
+    def classifier_layers(self) -> tuple[str, ...]:
+        """The layer whose outputs are the classes: ``decoder.output_conv`` (full model) or
+        ``encoder.output_conv`` (encoder-only)."""
+        return ("encoder.output_conv",) if self.decoder is None else ("decoder.output_conv",)
+
+    def translate_weights(self, state: dict[str, Tensor]) -> Translated:
+        """The authors' layouts (Eromera/erfnet_pytorch) in this network's: their ``Net`` has
+        the same keys (``module.`` is removed before), but always carries both the encoder's
+        1x1 classifier ``encoder.output_conv`` and the decoder; the one this network does not
+        have is dropped. Their ImageNet encoder (``features.encoder.*``, with ``classifier.*``
+        for ImageNet's classes) loads into the encoder only; the decoder and the classifier
+        start initialised. Each drop is a note (``dam_lightning.weights.load_state`` logs it).
+
+        Example:
+            >>> net = ERFNet(19, width=0.25)
+            >>> imagenet = {f"features.{k}": v for k, v in net.state_dict().items()
+            ...             if k.startswith("encoder.")}
+            >>> translated = net.translate_weights({**imagenet, "classifier.linear.bias": 0})
+            >>> sorted(translated.state) == sorted(k[9:] for k in imagenet)
+            True
+            >>> translated.initialised
+            ('decoder.', 'encoder.output_conv.')
+        """
+        notes: list[str] = []
+        initialised: tuple[str, ...] = ()
+        imagenet = "features.encoder."
+        if any(k.startswith(imagenet) for k in state):
+            dropped = sorted({k.rsplit(".", 1)[0] for k in state if k.startswith("classifier.")})
+            state = {
+                ("encoder." + k[len(imagenet) :] if k.startswith(imagenet) else k): v
+                for k, v in state.items()
+                if not k.startswith("classifier.")
+            }
+            initialised = ("decoder.", "encoder.output_conv.")
+            notes.append(
+                "the ImageNet-pretrained encoder (features.encoder.*) loaded into the encoder "
+                "only; the decoder and the classifier start initialised"
+                + (f" (ImageNet's {', '.join(dropped)} dropped)" if dropped else "")
+            )
+        unused = ("encoder.output_conv.",) if self.decoder is not None else ("decoder.",)
+        if not initialised and any(k.startswith(unused) for k in state):
+            state = {k: v for k, v in state.items() if not k.startswith(unused)}
+            notes.append(
+                "dropped encoder.output_conv.* (the encoder-only classifier, unused when the "
+                "decoder is present)" if self.decoder is not None else
+                "dropped decoder.* (unused by the encoder-only network, which classifies with "
+                "encoder.output_conv)"
+            )  # fmt: skip
+        elif initialised:
+            state = {k: v for k, v in state.items() if not k.startswith(initialised)}
+        return Translated(state, initialised, tuple(notes))
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)
@@ -257,10 +318,13 @@ def _check_input(x: Tensor) -> None:
         )
 
 
-def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
-    """Load ``net``'s weights from a local state dict or a SourceModule/GAM checkpoint, read as
-    weights only (``dam_lightning.weights``: a file holding other Python objects is refused, not
-    run). Raises naming the file when it is missing or does not fit.
+def load_weights(
+    net: nn.Module, path: str | os.PathLike, skip_mismatched_classifier: bool = False
+) -> None:
+    """Load ``net``'s weights from a local state dict or a SourceModule/GAM checkpoint (or the
+    authors' files, see ``ERFNet``), read as weights only (``dam_lightning.weights``: a file
+    holding other Python objects is refused, not run). Raises naming ``weights`` and the file
+    when it is missing or does not fit.
 
     Example:
         >>> import tempfile
@@ -272,7 +336,10 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFileError(
-            f"{type(net).__name__} weights file {path} does not exist; pass the path of a "
-            "state dict or of a SourceModule/GAM checkpoint, or weights=None"
+            f"weights: {path} does not exist; pass the path of a local state dict or "
+            f"checkpoint of {type(net).__name__} (e.g. the authors' erfnet_pretrained.pth), "
+            "or weights: null"
         )
-    load_network_weights(net, path, setting=f"{type(net).__name__} weights")
+    load_network_weights(
+        net, path, setting="weights", skip_mismatched_classifier=skip_mismatched_classifier
+    )

@@ -13,13 +13,15 @@ from torch import Tensor, nn
 
 from dam_lightning import weights
 from dam_lightning.errors import ConfigError, MissingFileError
-from dam_lightning.weights import strip_prefix
+from dam_lightning.weights import DATA_PARALLEL, Translated, load_state, strip_prefix
 
 ARCHITECTURES = (
     "lraspp_mobilenet_v3_large",
     "deeplabv3_mobilenet_v3_large",
     "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
     "fcn_resnet50",
+    "fcn_resnet101",
 )
 
 
@@ -42,6 +44,7 @@ class TorchvisionSegmentation(nn.Module):
       ``model.classifier.3`` (256 ch), ``model.classifier`` (logits, 1/8).
     - ``fcn_resnet50``: ``model.backbone.layer1`` .. ``model.backbone.layer4`` as above,
       ``model.classifier.2`` (512 ch after BN + ReLU), ``model.classifier`` (logits, 1/8).
+    - ``deeplabv3_resnet101``, ``fcn_resnet101``: as their ``resnet50`` counterparts.
 
     ``model.backbone`` itself returns a dict and cannot be tapped. Gaussian matching folds into
     the BatchNorms and biased convolutions (``foldable_layers``).
@@ -50,12 +53,19 @@ class TorchvisionSegmentation(nn.Module):
         num_classes: number of output classes.
         arch: one of ``ARCHITECTURES``.
         weights: a local file holding the whole model: a state dict in torchvision's layout
-            (``backbone.*``, ``classifier.*``; ``aux_classifier.*`` is ignored), this adapter's
-            state dict (``model.*``), or a SourceModule/GAM checkpoint (``net.``/``target_net.``).
+            (its own files, e.g. ``deeplabv3_resnet101_coco-586e9e4e.pth``: ``backbone.*``,
+            ``classifier.*``; ``aux_classifier.*`` is dropped), this adapter's state dict
+            (``model.*``), or a SourceModule/GAM checkpoint (``net.``/``target_net.``); or the
+            backbone's ImageNet classification model (as ``backbone_weights``), the classifier
+            then left initialised. Never a download (``translate_weights``).
         backbone_weights: a local file holding the backbone's classification model (e.g.
-            torchvision's ImageNet ``mobilenet_v3_large`` or ``resnet50`` state dict; its
-            classifier/fc is dropped) or the ``backbone.*`` state dict itself.
+            torchvision's ImageNet ``mobilenet_v3_large``, ``resnet50`` or ``resnet101`` state
+            dict, ``resnet101-cd907fc2.pth``; its classifier/fc is dropped) or the
+            ``backbone.*`` of a segmentation model's state dict.
         example_input_shape: one input's (C, H, W), for sizing discriminators with a dry forward.
+        skip_mismatched_classifier: load everything but a classifier of another class count
+            (e.g. COCO's 21 classes into 19): it starts initialised, and the log says so. Off,
+            such a file is an error that names this option.
 
     Example:
         >>> net = TorchvisionSegmentation(19)
@@ -70,18 +80,60 @@ class TorchvisionSegmentation(nn.Module):
         weights: str | None = None,
         backbone_weights: str | None = None,
         example_input_shape: Sequence[int] = (3, 512, 1024),
+        skip_mismatched_classifier: bool = False,
     ):
         super().__init__()
         self.arch = arch
         self.model = build_torchvision_model(arch, num_classes)
         self.example_input_shape = tuple(example_input_shape)
         if backbone_weights is not None:
-            load_backbone_weights(self.model, arch, backbone_weights)
+            load_backbone_weights(self, backbone_weights)
         if weights is not None:
-            load_model_weights(self.model, weights)
+            load_model_weights(self, weights, skip_mismatched_classifier)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)["out"]
+
+    def classifier_layers(self) -> tuple[str, ...]:
+        """The layers whose outputs are the classes: LR-ASPP's two, else the head's last conv.
+
+        Example:
+            >>> TorchvisionSegmentation(4).classifier_layers()
+            ('model.classifier.low_classifier', 'model.classifier.high_classifier')
+        """
+        if self.arch.startswith("lraspp"):
+            return ("model.classifier.low_classifier", "model.classifier.high_classifier")
+        return ("model.classifier.4",)  # DeepLabHead's and FCNHead's final 1x1 conv
+
+    def translate_weights(self, state: dict[str, Tensor]) -> Translated:
+        """torchvision's layouts in this adapter's (``model.*``): a segmentation model's state
+        dict (``backbone.*``, ``classifier.*``; its ``aux_classifier.*`` dropped, as this
+        adapter has none), or the backbone's ImageNet classification model, loaded into the
+        backbone only with the classifier left initialised (``backbone_state``).
+
+        Example:
+            >>> net = TorchvisionSegmentation(4)
+            >>> state = {k[6:]: v for k, v in net.state_dict().items()}  # torchvision's keys
+            >>> sorted(net.translate_weights(state).state) == sorted(net.state_dict())
+            True
+        """
+        state = strip_prefix(state, "model.")
+        notes: list[str] = []
+        initialised: tuple[str, ...] = ()
+        if "aux_classifier." in {_head(k) for k in state}:
+            state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+            notes.append("dropped aux_classifier.* (this adapter has no auxiliary classifier)")
+        elif "backbone." not in {_head(k) for k in state}:
+            backbone = backbone_state(state, self.arch)
+            if backbone is not state:  # a classification model: its features only
+                state, initialised = {f"backbone.{k}": v for k, v in backbone.items()}, (
+                    "model.classifier.",
+                )
+                notes.append(
+                    f"the {self.arch.split('_', 1)[1]} classification model loaded into the "
+                    "backbone only; the segmentation head starts initialised"
+                )
+        return Translated({f"model.{k}": v for k, v in state.items()}, initialised, tuple(notes))
 
 
 def build_torchvision_model(arch: str, num_classes: int) -> nn.Module:
@@ -100,27 +152,59 @@ def build_torchvision_model(arch: str, num_classes: int) -> nn.Module:
     return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a whole torchvision segmentation model from a local file (see
-    ``TorchvisionSegmentation``'s ``weights``); raises naming the file if it does not fit."""
-    state = strip_prefix(read_state_dict(path, "TorchvisionSegmentation weights"), "model.")
-    state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
-    _load_strict(model, state, path, "was it saved from the same arch and num_classes?")
+def load_model_weights(
+    net: TorchvisionSegmentation, path: str | os.PathLike, skip_mismatched_classifier=False
+) -> None:
+    """Load the whole adapter from a local file (see ``TorchvisionSegmentation``'s
+    ``weights``); raises naming ``weights`` and the file if it does not fit."""
+    path = os.fspath(path)
+    _must_exist(path, "weights")
+    weights.load_network_weights(
+        net, path, setting="weights", skip_mismatched_classifier=skip_mismatched_classifier
+    )
 
 
-def load_backbone_weights(model: nn.Module, arch: str, path: str | os.PathLike) -> None:
-    """Load ``model.backbone`` from a classification model's state dict (MobileNetV3's
-    ``features.*``, ResNet's layers; the classifier/fc is dropped) or from the backbone's own
-    state dict; raises naming the file if it does not fit."""
-    state = read_state_dict(path, "TorchvisionSegmentation backbone_weights")
-    if "mobilenet" in arch:
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state = strip_prefix(state, "features.")
+def load_backbone_weights(net: TorchvisionSegmentation, path: str | os.PathLike) -> None:
+    """Load ``net.model.backbone`` from a classification model's state dict (MobileNetV3's
+    ``features.*``, ResNet's layers; the classifier/fc is dropped) or from the ``backbone.*`` of
+    a segmentation model's; raises naming ``backbone_weights`` and the file if it does not fit.
+    """
+    path = os.fspath(path)
+    state = strip_prefix(read_state_dict(path, "backbone_weights"), DATA_PARALLEL)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     else:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    state = strip_prefix(state, "backbone.")
-    backbone = arch.split("_", 1)[1]
-    _load_strict(model.backbone, state, path, f"is it a {backbone} state dict?")
+        state = backbone_state(state, net.arch)
+    backbone = net.arch.split("_", 1)[1]
+    load_state(
+        net,
+        {f"model.backbone.{k}": v for k, v in state.items()},
+        path,
+        "backbone_weights",
+        initialised=("model.classifier.",),
+        translate=False,
+        fix=f"is it a {backbone} state dict (torchvision's ImageNet {backbone}, or the "
+        f"backbone.* of a segmentation model on {backbone})?",
+    )
+
+
+def backbone_state(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
+    """The backbone's keys in a torchvision classification model's state dict: MobileNetV3's
+    ``features.*`` (``classifier.*`` dropped), ResNet's all but ``fc.*``; ``state`` itself
+    when it holds neither.
+
+    Example:
+        >>> backbone_state({"features.0.w": 1, "classifier.0.w": 2}, "lraspp_mobilenet_v3_large")
+        {'0.w': 1}
+        >>> backbone_state({"conv1.weight": 1, "fc.weight": 2}, "deeplabv3_resnet101")
+        {'conv1.weight': 1}
+    """
+    if "mobilenet" in arch and any(k.startswith("features.") for k in state):
+        features = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        return strip_prefix(features, "features.")
+    if "resnet" in arch and any(k.startswith("fc.") for k in state):
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return state
 
 
 def read_state_dict(path: str | os.PathLike, setting: str = "weights") -> dict[str, Tensor]:
@@ -137,19 +221,17 @@ def read_state_dict(path: str | os.PathLike, setting: str = "weights") -> dict[s
         ['w']
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MissingFileError(
-            f"{setting} file {path} does not exist; pass the path of a local state dict or "
-            "checkpoint (torchvision downloads are never made here), or None"
-        )
+    _must_exist(path, setting)
     return weights.read_state_dict(path, setting)
 
 
-def _load_strict(module: nn.Module, state: dict[str, Tensor], path, hint: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        first_lines = "; ".join(str(err).splitlines()[:3])
-        raise ConfigError(
-            f"{os.fspath(path)} does not fit {type(module).__name__} ({hint}): {first_lines}"
-        ) from err
+def _must_exist(path: str, setting: str) -> None:
+    if not os.path.exists(path):
+        raise MissingFileError(
+            f"{setting}: {path} does not exist; pass the path of a local state dict or "
+            "checkpoint (torchvision downloads are never made here), or null"
+        )
+
+
+def _head(key: str) -> str:
+    return key.split(".", 1)[0] + "."
