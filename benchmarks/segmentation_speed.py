@@ -12,6 +12,10 @@ tensors: no data set, no checkpoint, no download.
     the 1024x2048 label, confusion-matrix update: images/s.
 (c) A GAM iteration over a source-only iteration through the Trainer at --iteration-size,
     interleaved (--rounds x --iterations batches), for each --discriminator-widths.
+(d) (only with --sections d) ``predict`` through the Trainer with PredictionWriter: (b)'s
+    forward + upsampling + softmax/max, then the labelId, colour and overlay PNGs at 1024x2048, for
+    --eval-images images: images/s with the PNGs written on the main process (workers=0) and by
+    the writer's threads (workers=2), and without a writer.
 
 Sizes are H x W (calibration default: 256x512 on the CPU, 512x1024 on CUDA). Only --report is
 written.
@@ -68,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=4, help="(c) timed batches per fit")
     parser.add_argument("--rounds", type=int, default=3, help="(c) interleaved rounds")
     parser.add_argument("--discriminator-widths", type=int, nargs="+", default=[64, 32])
-    parser.add_argument("--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"]
+    )
     parser.add_argument("--report", help="also write the figures as Markdown to this file")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -339,6 +345,91 @@ def iteration_ratio(args) -> dict:
     return {key: statistics.median(values) for key, values in seconds.items()}
 
 
+# (d) predict with the PredictionWriter: writing overlapped with inference or not.
+
+
+class _ScenePaths(Dataset):
+    """``count`` items ``(image, index)`` at the network's size, each with ``image_path`` to one
+    synthetic 1024x2048 RGB PNG (for the overlay)."""
+
+    info = DatasetInfo("segmentation", NUM_CLASSES, CITYSCAPES_CLASSES)
+
+    def __init__(self, count: int, size: tuple[int, int], image_file: str):
+        self.count, self.size, self.image_file = count, size, image_file
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return torch.randn(3, *self.size, generator=torch.Generator().manual_seed(index)), index
+
+    def image_path(self, index: int) -> str:
+        return self.image_file
+
+
+class _PredictAtLabelSize(L.LightningModule):
+    """``EvaluatingModule.predict_step`` at 1024x2048: forward, bilinear upsampling, softmax,
+    max."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = ERFNet(NUM_CLASSES).eval()
+        self.task = SegmentationTask(NUM_CLASSES, CITYSCAPES_CLASSES)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        images, _ = batch
+        probabilities = self.task.predict(self.net, images, LABEL_SIZE).softmax(dim=1)
+        confidence, prediction = probabilities.max(dim=1)
+        return {"prediction": prediction, "confidence": confidence, "label": None}
+
+
+def writer_overlap(args) -> dict:
+    """Seconds per image of ``predict`` with workers=0 and workers=2 (after one warm-up image),
+    and of writing alone (``workers=0`` less a run without writer)."""
+    from PIL import Image
+
+    from dam_lightning.callbacks import PredictionWriter
+
+    class Timer(L.Callback):
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_):
+            if batch_idx == 0:
+                self.start = time.perf_counter()  # after the warm-up image
+
+    def per_image(writer) -> float:
+        timer = Timer()
+        trainer = L.Trainer(
+            accelerator=args.device, devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[timer] + ([writer] if writer else []),
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+        trainer.predict(module, loader, return_predictions=False)  # ends after every write
+        return (time.perf_counter() - timer.start) / args.eval_images
+
+    with tempfile.TemporaryDirectory() as folder:
+        rgb = torch.randint(0, 256, (*LABEL_SIZE, 3), generator=torch.Generator().manual_seed(3))
+        image_file = str(Path(folder) / "image.png")
+        Image.fromarray(rgb.to(torch.uint8).numpy()).save(image_file)
+        dataset = _ScenePaths(args.eval_images + 1, args.eval_size, image_file)
+        module = _PredictAtLabelSize()
+        inference = per_image(None)
+        times = {"inference": inference}
+        for workers in (0, 2):
+            out = str(Path(folder) / f"workers-{workers}")
+            times[workers] = per_image(PredictionWriter(out, workers=workers))
+    return times
+
+
+def writer_lines(args, times: dict) -> list[str]:
+    return [
+        f"(d) predict with PredictionWriter: (b)'s work at {size_text(args.eval_size)} + three "
+        f"PNGs at {size_text(LABEL_SIZE)} per image ({args.device}, {args.eval_images} images "
+        f"after one warm-up): {times['inference']:.2f} s per image without writer; writing on "
+        f"the main process {times[0]:.2f} s ({1 / times[0]:.2f} images/s), in 2 writer threads "
+        f"{times[2]:.2f} s ({1 / times[2]:.2f} images/s)"
+    ]
+
+
 # The report.
 
 
@@ -432,6 +523,7 @@ def main(argv=None) -> None:
         "a": lambda: matching_lines(args, gaussian_matching_cost(args)),
         "b": lambda: evaluation_lines(args, evaluation_throughput(args)),
         "c": lambda: iteration_lines(args, iteration_ratio(args)),
+        "d": lambda: writer_lines(args, writer_overlap(args)),
     }
     for key in args.sections:
         section = sections[key]()

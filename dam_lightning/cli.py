@@ -315,8 +315,15 @@ class DamCLI(LightningCLI):
     # ---- commands -------------------------------------------------------------------------------
 
     def before_predict(self) -> None:
+        """Every prediction goes to a writer, and none is kept: Lightning's
+        ``return_predictions`` (default: keep them all, 40 MiB per Cityscapes image) is
+        ``False`` unless the command line asks for it; the CLI never uses what ``predict``
+        returns."""
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
+        arguments = self.config_init[self.subcommand]  # what LightningCLI passes to predict
+        if arguments.get("return_predictions") is None:
+            arguments["return_predictions"] = False
 
     def after_validate(self) -> None:
         self._write_metrics()

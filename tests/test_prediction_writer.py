@@ -4,6 +4,11 @@ in the ``predict_step`` contract; tiny datasets with and without names, images, 
 from __future__ import annotations
 
 import copy
+import functools
+import gc
+import threading
+import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from dam_lightning.callbacks import PredictionWriter
+from dam_lightning.callbacks import PredictionWriter, predictions
+from dam_lightning.callbacks.predictions import PredictionWriteError
+from dam_lightning.cli import main
 from dam_lightning.data.labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
     CITYSCAPES_INFO,
@@ -22,6 +29,10 @@ from dam_lightning.data.labels import (
     CITYSCAPES_PALETTE,
     IGNORE_INDEX,
 )
+from dam_lightning.trainer import DamTrainer
+
+from .conftest import REPO
+from .segmentation_fixtures import write_cityscapes, write_gta5
 
 H, W = 8, 16  # prediction size
 
@@ -84,17 +95,22 @@ def seg_table(count: int) -> torch.Tensor:
     return table
 
 
-def predict(module, dataset, writer, batch_size: int = 2, **trainer_kwargs) -> None:
+def predict(
+    module, dataset, writer, batch_size: int = 2, spy=None, keep: bool | None = False, **kwargs
+):
+    """``Trainer.predict`` with ``writer`` (and ``spy``), keeping the predictions if ``keep``
+    (None: Lightning's default, keep them)."""
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[writer],
-        **trainer_kwargs,
+        callbacks=[writer] + ([spy] if spy else []),
+        **kwargs,
     )
-    trainer.predict(module, DataLoader(dataset, batch_size=batch_size), return_predictions=False)
+    loader = DataLoader(dataset, batch_size=batch_size)
+    return trainer.predict(module, loader, return_predictions=keep)
 
 
 def read(path: Path) -> np.ndarray:
@@ -230,3 +246,150 @@ def test_under_ddp_each_rank_writes_its_own_csv_and_only_rank_zero_prints(tmp_pa
     assert lines == ["index,prediction,confidence,label", "1,1,0.500000,", "3,1,0.500000,"]
     assert not (tmp_path / "predictions.csv").exists()
     assert capsys.readouterr().out == ""
+
+
+# ---- writing in threads, bounded, keeping nothing (issue 18, item 4) ----------------------------
+
+
+class KeptOutputs(L.Callback):
+    """Weak references to every batch's prediction tensor: after ``predict`` the live ones are
+    what something (Lightning's ``return_predictions``, the writer's queue) still holds."""
+
+    def __init__(self):
+        self.refs: list[weakref.ref] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.refs.append(weakref.ref(outputs["prediction"]))
+
+    def alive(self) -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in self.refs)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def slow_saves(monkeypatch, delay: float = 0.005, fail: str | None = None) -> list[str]:
+    """Every PNG save sleeps ``delay`` first (so writes lag inference) and records the thread that
+    made it; a save to a path containing ``fail`` raises ``OSError`` instead."""
+    threads: list[str] = []
+    save = predictions.save_png_atomically
+
+    def spy(image, path):
+        threads.append(threading.current_thread().name)
+        time.sleep(delay)
+        if fail is not None and fail in str(path):
+            raise OSError(28, "No space left on device")
+        save(image, path)
+
+    monkeypatch.setattr(predictions, "save_png_atomically", spy)
+    return threads
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("PredictionWriter")]
+
+
+def test_threaded_files_are_byte_identical_to_the_serial_ones(tmp_path):
+    dataset = TinyCityscapes(tmp_path / "data", count=12, image_size=(2 * W, 2 * H))
+    subset = Subset(dataset, [5, 0, 11, 3, 7, 2, 9, 1, 10, 4, 8, 6])
+    table = seg_table(12)
+    folders = {}
+    for workers, max_pending in [(0, 1), (1, 1), (2, 4), (4, 3)]:
+        out = tmp_path / f"out-{workers}-{max_pending}"
+        writer = PredictionWriter(str(out), workers=workers, max_pending=max_pending)
+        predict(FixedPredictions(table), subset, writer, batch_size=5)
+        folders[workers, max_pending] = files_of(out)
+        assert writer.peak_pending <= max_pending
+    serial = folders.pop((0, 1))
+    assert len(serial) == 3 * 12
+    for key, files in folders.items():
+        assert files == serial, key  # same names, same bytes
+    assert not writer_threads()
+
+
+@pytest.mark.parametrize("count", [4, 16])
+def test_writing_overlaps_predicting_through_a_bounded_queue(tmp_path, monkeypatch, count):
+    threads = slow_saves(monkeypatch)
+    dataset = TinyCityscapes(tmp_path / "data", count=count)
+    writer = PredictionWriter(str(tmp_path / "out"), workers=2, max_pending=3)
+    kept = KeptOutputs()
+    result = predict(FixedPredictions(seg_table(count)), dataset, writer, spy=kept)
+
+    assert result is None and kept.alive() == 0  # nothing kept, whatever the count
+    assert writer.peak_pending == min(3, count)  # the queue fills up to its bound, never more
+    assert len(threads) == 3 * count and "MainThread" not in threads
+    for index in range(count):  # every file is there when predict returns
+        for kind in ("labelIds", "colour", "overlay"):
+            assert (tmp_path / "out" / kind / f"{dataset.item_name(index)}.png").is_file()
+    assert not hidden_files(tmp_path / "out") and not writer_threads()
+
+
+def test_returned_predictions_are_what_the_kept_outputs_count_sees(tmp_path):
+    """The control for ``KeptOutputs``: with Lightning's default every batch stays alive."""
+    dataset = TensorDataset(torch.zeros(4, 3, H, W), torch.arange(4))
+    kept = KeptOutputs()
+    writer = PredictionWriter(str(tmp_path / "out"))
+    result = predict(FixedPredictions(seg_table(4)), dataset, writer, spy=kept, keep=None)
+    assert len(result) == 2 and kept.alive() == 2
+
+
+def test_an_error_in_a_writer_thread_names_the_file_and_stops_predict(tmp_path, monkeypatch):
+    dataset = TinyCityscapes(tmp_path / "data", count=8)
+    failing = dataset.item_name(3)
+    slow_saves(monkeypatch, fail=f"colour/{failing}")
+    out = tmp_path / "out"
+    writer = PredictionWriter(str(out), workers=2, max_pending=2)
+    with pytest.raises(PredictionWriteError) as raised:
+        predict(FixedPredictions(seg_table(8)), dataset, writer, batch_size=2)
+    message = str(raised.value)
+    assert str(out / "colour" / f"{failing}.png") in message and "No space left" in message
+    assert isinstance(raised.value.__cause__, OSError)
+    assert not (out / "colour" / f"{failing}.png").exists()
+    assert not hidden_files(out) and not writer_threads()  # no thread writes after predict
+
+
+def test_workers_and_max_pending_are_checked():
+    with pytest.raises(ValueError, match="workers must be 0"):
+        PredictionWriter(workers=-1)
+    with pytest.raises(ValueError, match="max_pending must be at least 1"):
+        PredictionWriter(max_pending=0)
+
+
+@pytest.mark.slow
+def test_cli_predict_keeps_nothing_for_4_or_16_images(tmp_path, monkeypatch):
+    """``python -m dam_lightning predict`` on 4 and on 16 Cityscapes-format images: Lightning is
+    told not to keep predictions, none is alive after the run, and the queue stays in bound."""
+    calls = []
+    original = DamTrainer.predict
+
+    @functools.wraps(original)  # LightningCLI reads predict's arguments from its signature
+    def spy(self, *args, **kwargs):
+        kept = KeptOutputs()
+        self.callbacks.append(kept)
+        result = original(self, *args, **kwargs)
+        writer = next(cb for cb in self.callbacks if isinstance(cb, PredictionWriter))
+        calls.append((kwargs.get("return_predictions"), result, kept, writer))
+        return result
+
+    monkeypatch.setattr(DamTrainer, "predict", spy)
+    monkeypatch.chdir(tmp_path)
+    write_gta5(tmp_path / "gta5", n=2)
+    for count in (4, 16):
+        root = tmp_path / f"cityscapes-{count}"
+        write_cityscapes(root, "train", per_city=1)
+        write_cityscapes(root, "val", per_city=count // 2, size=(64, 128))
+        main(["predict", "--config", str(REPO / "configs" / "gta_source.yaml"),
+              "--config", str(REPO / "tests" / "conf" / "seg_tiny.yaml"),
+              f"--data.source.init_args.root={tmp_path / 'gta5'}",
+              f"--data.target.init_args.root={root}", f"--data.target_val.init_args.root={root}",
+              f"--trainer.callbacks+={PredictionWriter.__module__}.PredictionWriter",
+              "--trainer.callbacks.init_args.output_dir", str(tmp_path / f"out-{count}"),
+              "--trainer.callbacks.init_args.max_pending", "2"])  # fmt: skip
+        assert len(list((tmp_path / f"out-{count}" / "labelIds").rglob("*.png"))) == count
+
+    for return_predictions, result, kept, writer in calls:
+        assert return_predictions is False and result is None
+        assert kept.alive() == 0 and writer.peak_pending <= 2
+    assert [len(kept.refs) for _, _, kept, _ in calls] == [2, 8]  # batches of 2 images

@@ -4,6 +4,10 @@ Segmentation: per image a labelId (or trainId) PNG, a colour PNG and an overlay,
 own sub-folder; classification: one CSV. The writer only converts and writes what ``predict_step``
 returns; it never runs the network and changes no prediction beyond resizing it to the image's
 native size. Every file is written through a temporary file and an atomic rename.
+
+Segmentation images are written by a small thread pool while the network predicts the next batch
+(PNG encoding releases the GIL); at most ``max_pending`` images wait or are being written at any
+time, so neither the queue nor host memory grows with the number of images.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import colorsys
 import contextlib
 import csv
 import os
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +43,7 @@ from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.modules.base import EvaluatingModule
 from dam_lightning.runs import run_directory
 
-__all__ = ["PredictionWriter", "distinct_palette"]
+__all__ = ["PredictionWriteError", "PredictionWriter", "distinct_palette"]
 
 CSV_COLUMNS = ("index", "prediction", "confidence", "label")
 
@@ -79,7 +86,8 @@ def save_png_atomically(image: Image.Image, path: str) -> None:
     temporary name never matches the Cityscapes benchmark's ``<city>_<seq>_<frame>*.png``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    unique = f"{os.getpid()}-{threading.get_ident()}"  # writer threads never share a temporary
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{unique}.tmp")
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -87,6 +95,62 @@ def save_png_atomically(image: Image.Image, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class PredictionWriteError(RuntimeError):
+    """Writing one prediction failed (in a writer thread or not); the message names the file, the
+    original error is the cause."""
+
+
+class _WritePool:
+    """Runs write jobs on ``workers`` threads with at most ``max_pending`` jobs submitted and not
+    yet finished: ``submit`` blocks on the oldest job while the queue is full and raises the first
+    failure it meets in the caller's thread. ``workers=0`` runs each job at once, in the caller.
+
+    Example:
+        >>> pool = _WritePool(workers=2, max_pending=3)
+        >>> for k in range(10):
+        ...     pool.submit(lambda: None)
+        >>> pool.finish()
+        >>> pool.peak_pending <= 3
+        True
+    """
+
+    def __init__(self, workers: int, max_pending: int):
+        self.max_pending = max_pending
+        self.peak_pending = 0  # the most jobs ever waiting or running at once
+        self._pending: deque[Future] = deque()
+        self._executor = (
+            ThreadPoolExecutor(workers, thread_name_prefix="PredictionWriter") if workers else None
+        )
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._executor is None:
+            job()
+            return
+        while self._pending and (self._pending[0].done() or len(self) >= self.max_pending):
+            self._pending.popleft().result()  # re-raises the job's error here
+        self._pending.append(self._executor.submit(job))
+        self.peak_pending = max(self.peak_pending, len(self))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def finish(self) -> None:
+        """Wait for every job; the first failure cancels what has not started and is raised."""
+        try:
+            while self._pending:
+                self._pending[0].result()
+                self._pending.popleft()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the jobs that have not started and wait for the running ones (after a failure:
+        no thread writes once ``predict`` has returned)."""
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _DatasetView:
@@ -136,17 +200,21 @@ def _number_of_loaders(trainer: L.Trainer) -> int:
 
 
 def _unpack(prediction: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(prediction, confidence, label) on the CPU, from the ``predict_step`` contract
+    """(prediction, confidence, label) where ``predict_step`` left them, from its contract
     ``{"prediction", "confidence", "label"}``; a bare tensor is taken as the prediction."""
     if isinstance(prediction, Tensor):
-        return prediction.detach().cpu(), None, None
+        return prediction.detach(), None, None
     if not isinstance(prediction, dict) or "prediction" not in prediction:
         raise WrongTypeError(
             "PredictionWriter expects predict_step to return a tensor or a dict with keys "
             f"'prediction', 'confidence', 'label'; got {type(prediction).__name__}"
         )
     fields = [prediction.get(key) for key in ("prediction", "confidence", "label")]
-    return tuple(None if t is None else torch.as_tensor(t).detach().cpu() for t in fields)
+    return tuple(None if t is None else torch.as_tensor(t).detach() for t in fields)
+
+
+def _cpu(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 class _SegmentationTables:
@@ -218,21 +286,45 @@ class PredictionWriter(BasePredictionWriter):
 
     With several predict dataloaders each gets a ``dataloader_<k>/`` sub-folder.
 
+    Segmentation images are converted and written by ``workers`` threads while the network goes
+    on predicting; at most ``max_pending`` images wait or are being written (``submit`` waits for
+    the oldest beyond that), every file is written before ``predict`` returns, and an error in a
+    writer thread is raised in the main process as a ``PredictionWriteError`` naming the file.
+    The files are byte for byte those of ``workers=0`` (everything on the main process). Nothing
+    is kept once written: call ``Trainer.predict(..., return_predictions=False)`` (the CLI does),
+    else Lightning keeps every batch's prediction in memory as well.
+
     Args:
         output_dir: where to write; default ``<run directory>/predictions``.
         overlay_alpha: weight of the colour mask in the overlay, in [0, 1].
+        workers: writer threads; 0 writes on the main process, between batches.
+        max_pending: the most segmentation images queued or being written at once (>= 1).
 
     Example:
         >>> PredictionWriter(overlay_alpha=0.4).overlay_alpha
         0.4
     """
 
-    def __init__(self, output_dir: str | None = None, overlay_alpha: float = 0.5):
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        overlay_alpha: float = 0.5,
+        workers: int = 2,
+        max_pending: int = 4,
+    ):
         super().__init__(write_interval="batch")
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ConfigError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+        if workers < 0:
+            raise ConfigError(f"workers must be 0 (write on the main process) or more: {workers}")
+        if max_pending < 1:
+            raise ConfigError(f"max_pending must be at least 1, got {max_pending}")
         self.output_dir = output_dir
         self.overlay_alpha = overlay_alpha
+        self.workers = workers
+        self.max_pending = max_pending
+        self._pool: _WritePool | None = None
+        self.peak_pending = 0  # the most images queued or being written at once, last predict
         self._reset()
 
     def _reset(self) -> None:
@@ -242,6 +334,24 @@ class PredictionWriter(BasePredictionWriter):
         self._tables: dict[int, _SegmentationTables] = {}
         self._seen: dict[int, int] = {}  # per dataloader, for loaders without batch indices
         self._csv_files: dict[int, tuple[Any, Any, str, str]] = {}
+        self._close_pool()
+        self.peak_pending = 0
+
+    def _writes(self) -> _WritePool:
+        if self._pool is None:  # made in the process that predicts (a spawned DDP rank too)
+            self._pool = _WritePool(self.workers, self.max_pending)
+        return self._pool
+
+    def _close_pool(self, finish: bool = False) -> None:
+        """Wait for every write (``finish``: raising the first failure) or, after an error, only
+        for the running ones."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            pool.finish() if finish else pool.close()
+        finally:
+            self.peak_pending = max(self.peak_pending, pool.peak_pending)
 
     # ---- Lightning hooks ------------------------------------------------------------------------
 
@@ -260,10 +370,12 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         predicted, confidence, label = _unpack(prediction)
+        predicted = predicted.cpu()  # confidence and label: only for the CSV
         indices = self._dataset_indices(batch_indices, len(predicted), dataloader_idx)
         folder = self._loader_folder(trainer, dataloader_idx)
         view = _DatasetView(_prediction_dataset(trainer, dataloader_idx))
         if predicted.ndim == 1:
+            confidence, label = _cpu(confidence), _cpu(label)
             self._write_rows(trainer, folder, dataloader_idx, indices, predicted, confidence, label)
         elif predicted.ndim == 3:
             tables = self._segmentation_tables(view, pl_module, dataloader_idx)
@@ -277,6 +389,7 @@ class PredictionWriter(BasePredictionWriter):
         self.images_written += len(indices)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_pool(finish=True)
         self._close_csv_files(keep=True)
         count = torch.tensor(float(self.images_written), device=pl_module.device)
         total = int(trainer.strategy.reduce(count, reduce_op="sum").item())  # every rank calls it
@@ -285,6 +398,7 @@ class PredictionWriter(BasePredictionWriter):
             print(f"Predictions: {total} images -> {self.folder}{kinds}", flush=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        self._close_pool()
         self._close_csv_files(keep=False)
 
     # ---- where things go ------------------------------------------------------------------------
@@ -320,22 +434,56 @@ class PredictionWriter(BasePredictionWriter):
     def _write_masks(
         self, view: _DatasetView, tables: _SegmentationTables, folder: str, index: int, ids: Tensor
     ) -> None:
+        """Check the ids and ask the dataset for the name and image here (the main process);
+        convert and write in a writer thread, from a uint8 copy of the ids."""
         name = view.item_name(index)
         tables.check(ids, name)
         image_path = view.call("image_path", index)
-        with contextlib.ExitStack() as stack:
-            image = None if image_path is None else stack.enter_context(Image.open(image_path))
-            mask = Image.fromarray(ids.to(torch.uint8).numpy())
-            if image is not None and image.size != mask.size:  # the header gives the size
-                mask = mask.resize(image.size, Image.Resampling.NEAREST)
-            train_ids = np.asarray(mask)
-            written = tables.ids[train_ids] if tables.ids is not None else train_ids
-            self._save(Image.fromarray(written), folder, tables.folder, name)
-            colours = tables.colours[train_ids]
-            self._save(Image.fromarray(colours), folder, "colour", name)
-            if image is not None:
-                overlay = self._overlay(np.asarray(image.convert("RGB")), colours, train_ids)
-                self._save(Image.fromarray(overlay), folder, "overlay", name)
+        kinds = (tables.folder, "colour") + (("overlay",) if image_path is not None else ())
+        for kind in kinds:
+            self._kinds[f"{kind}/"] = None
+        train_ids = ids.to(torch.uint8).numpy()
+
+        def job() -> None:
+            self._write_image(tables, folder, name, train_ids, image_path)
+
+        self._writes().submit(job)
+
+    def _write_image(
+        self,
+        tables: _SegmentationTables,
+        folder: str,
+        name: str,
+        train_ids: np.ndarray,
+        image_path: Any,
+    ) -> None:
+        """The id (labelId or trainId), colour and overlay PNGs of one image."""
+        doing = ("read", image_path) if image_path is not None else None
+        try:
+            with contextlib.ExitStack() as stack:
+                image = None if image_path is None else stack.enter_context(Image.open(image_path))
+                mask = Image.fromarray(train_ids)
+                if image is not None and image.size != mask.size:  # the header gives the size
+                    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+                train_ids = np.asarray(mask)
+                written = tables.ids[train_ids] if tables.ids is not None else train_ids
+                doing = ("write", self._path(folder, tables.folder, name))
+                save_png_atomically(Image.fromarray(written), doing[1])
+                colours = tables.colours[train_ids]
+                doing = ("write", self._path(folder, "colour", name))
+                save_png_atomically(Image.fromarray(colours), doing[1])
+                if image is not None:
+                    doing = ("read", image_path)
+                    pixels = np.asarray(image.convert("RGB"))
+                    doing = ("write", self._path(folder, "overlay", name))
+                    overlay = self._overlay(pixels, colours, train_ids)
+                    save_png_atomically(Image.fromarray(overlay), doing[1])
+        except Exception as err:
+            what, path = doing or ("write", self._path(folder, tables.folder, name))
+            raise PredictionWriteError(
+                f"PredictionWriter could not {what} {path} (prediction for {name!r}): "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
     def _overlay(self, image: np.ndarray, colours: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
         """The image with the colours blended in at ``overlay_alpha``, except on ignored pixels."""
@@ -343,9 +491,9 @@ class PredictionWriter(BasePredictionWriter):
         blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
         return np.rint(blended).astype(np.uint8)
 
-    def _save(self, image: Image.Image, folder: str, kind: str, name: str) -> None:
-        save_png_atomically(image, os.path.join(folder, kind, f"{name}.png"))
-        self._kinds[f"{kind}/"] = None
+    @staticmethod
+    def _path(folder: str, kind: str, name: str) -> str:
+        return os.path.join(folder, kind, f"{name}.png")
 
     # ---- classification -------------------------------------------------------------------------
 
