@@ -4,20 +4,26 @@ of them, with every earlier matched layer already corrected (the paper matches l
 in network order).
 
 - ``one_pass``: each batch runs through F_t once, all batches in lockstep (``_Lockstep``): about
-  one forward pass over the calibration batches; holds every batch's activation at one layer.
+  one forward pass over the calibration batches; the paused forwards hold every batch's
+  activation at the current layer (memory grows with the number of batches).
 - ``layerwise``: the batches are streamed once per matched layer, each forward stopped right
-  after it: one batch's activations at a time, up to one forward pass per layer.
+  after it: one batch's activations at a time (memory flat in the number of batches), up to one
+  forward pass per layer.
 
-Both give the same weights. Apart from ``gaussian.py`` because scheduling is a problem of its own
-(threads, hooks that pause a forward, stopping a forward early) and knows nothing of Eq. 2: a
-``gaussian.MatchingPlan`` turns each layer's statistics into its correction and ``LayerMatch``.
+Both give the same weights, and both compute every statistic under the caller's autocast state,
+CUDA device and stream, and reduce across processes from the calling thread only. Apart from
+``gaussian.py`` because scheduling is a problem of its own (threads, hooks that pause a forward,
+stopping a forward early) and knows nothing of Eq. 2: a ``gaussian.MatchingPlan`` turns each
+layer's statistics into its correction and ``LayerMatch``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -40,10 +46,6 @@ class MatchingPlan(Protocol):
 
     def adapts_batchnorm(self, module: nn.Module) -> bool: ...
 
-    def statistics(
-        self, name: str, module: nn.Module, activations: list[Tensor]
-    ) -> ChannelStats: ...
-
     def channel_checked(self, name: str, module: nn.Module, activation: Tensor) -> Tensor: ...
 
     def correct(self, name: str, module: nn.Module, before: ChannelStats) -> LayerMatch: ...
@@ -61,38 +63,46 @@ def one_pass(
     net: nn.Module, modules: dict[str, nn.Module], batches: Sequence[Tensor], plan: MatchingPlan
 ) -> dict[str, LayerMatch]:
     """Each calibration batch runs through F_t once, all batches in lockstep (``_Lockstep``): a
-    matched layer's hook waits until every batch has reached the layer, corrects the layer from
-    all of their outputs, and hands each batch its corrected output, so every later layer is
-    measured with earlier ones already corrected. Layer-by-layer matching at the cost of one
-    forward pass over the calibration batches, batch by batch (a forward of the concatenated
-    batches would be slower on a CPU: its large tensors thrash the caches and the allocator)."""
+    matched layer's hook adds its batch's output to the layer's statistics and pauses; once
+    every batch has reached the layer, the calling thread corrects the layer from the statistics
+    and hands each batch its corrected output, so every later layer is measured with earlier
+    ones already corrected. Layer-by-layer matching at the cost of one forward pass over the
+    calibration batches, batch by batch (a forward of the concatenated batches would be slower
+    on a CPU: its large tensors thrash the caches and the allocator).
+
+    Memory: the N paused forwards each hold their own activations at the current layer (what a
+    forward of the concatenated batches would hold); the engine itself keeps only the layer's
+    (3, C) running sums. Exact lockstep cannot do with less: layer i + 1 is measured on every
+    batch's corrected output of layer i, which is known only once all N outputs of layer i have
+    been measured. ``layerwise`` is the engine whose memory is flat in N."""
     matches: dict[str, LayerMatch] = {}
-    lockstep = _Lockstep(len(batches))
+
+    def match(name: str, statistics: ChannelStatsAccumulator) -> tuple[Tensor, Tensor] | None:
+        # In the calling thread: the reduction across processes is a collective.
+        if name in matches:
+            raise MATCHED.ran_twice(name)
+        module = modules[name]
+        measured = statistics.compute(plan.reduce)
+        if plan.adapts_batchnorm(module):
+            matches[name] = plan.adapt(name, module, measured)
+            return None
+        matches[name] = plan.correct(name, module, measured)
+        return matches[name].alpha, matches[name].beta
+
+    lockstep = _Lockstep(len(batches), match)
 
     def correct_output(name: str):
-        def correct(module: nn.Module, outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
-            if name in matches:
-                raise MATCHED.ran_twice(name)
-            match = plan.correct(name, module, plan.statistics(name, module, outputs))
-            matches[name] = match
-            return match.alpha, match.beta
-
         def hook(module: nn.Module, args, output):
-            output = MATCHED.one_tensor(name, module, output)
-            alpha, beta = lockstep.rendezvous(name, output, lambda o: correct(module, o))
+            output = plan.channel_checked(name, module, MATCHED.one_tensor(name, module, output))
+            alpha, beta = lockstep.rendezvous(name, output)
             return _apply_affine_(output, alpha, beta)
 
         return hook
 
     def adapt_batchnorm(name: str):
-        def adapt(module: nn.Module, inputs: list[Tensor]) -> None:
-            if name in matches:
-                raise MATCHED.ran_twice(name)
-            matches[name] = plan.adapt(name, module, plan.statistics(name, module, inputs))
-
         # A pre-hook, so that this very forward normalises with the new running statistics.
         def hook(module: nn.Module, args) -> None:
-            lockstep.rendezvous(name, args[0], lambda inputs: adapt(module, inputs))
+            lockstep.rendezvous(name, plan.channel_checked(name, module, args[0]))
 
         return hook
 
@@ -118,96 +128,162 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _EXECUTOR
 
 
-class _Aborted(Exception):
-    """Raised in the waiting threads of a lockstep run once another thread has failed."""
+# Autocast is thread-local per device type; these are the types torch.autocast accepts by name.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
-class _Lockstep:
-    """Run ``net(batch)`` for every batch, each in its own thread, the threads taking turns in
-    slot order (only one computes at a time: no oversubscription, small tensors). A hook that
-    calls ``rendezvous`` pauses its batch until every batch has reached the same layer; the last
-    to arrive runs ``on_all`` over everything gathered, and each batch then continues with its
-    result. This is how a forward pass can be paused at a layer without knowing the network's
-    code. The first error in any thread stops all of them and is raised by ``run``.
+@dataclass(frozen=True)
+class _CallerContext:
+    """The thread-local state that the caller's own forward would run under and that a pool
+    thread does not inherit: autocast (per device type: enabled, dtype, cache), the current CUDA
+    device and stream, and the intra-op thread count."""
 
-    A turn is handed over by releasing the next thread's own semaphore, so each hand-over wakes
-    exactly one thread.
-    """
+    autocast: tuple[tuple[str, torch.dtype], ...]
+    autocast_cache: bool
+    cuda_device: int | None
+    cuda_stream: Any
+    threads: int
 
-    def __init__(self, count: int):
-        self.count = count
-        self.go = [threading.Semaphore(1 if slot == 0 else 0) for slot in range(count)]
-        self.finished: set[int] = set()
-        self.errors: list[BaseException] = []
-        self.local = threading.local()
-        self.gathered: list[Tensor] = []
-        self.gathered_at: str | None = None
-        self.result = None
-        self.threads = torch.get_num_threads()  # the caller's, for the pooled threads
+    @classmethod
+    def capture(cls) -> _CallerContext:
+        autocast = tuple(
+            (device_type, torch.get_autocast_dtype(device_type))
+            for device_type in _AUTOCAST_DEVICE_TYPES
+            if torch.is_autocast_enabled(device_type)
+        )
+        # Only once CUDA is in use: asking for the current stream would initialise it.
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls(
+            autocast=autocast,
+            autocast_cache=torch.is_autocast_cache_enabled(),
+            cuda_device=torch.cuda.current_device() if cuda else None,
+            cuda_stream=torch.cuda.current_stream() if cuda else None,
+            threads=torch.get_num_threads(),
+        )
 
-    def run(self, net: nn.Module, batches: list[Tensor]) -> None:
-        futures = [
-            _executor(len(batches)).submit(self._forward, net, x, slot)
-            for slot, x in enumerate(batches)
-        ]
-        for future in futures:
-            future.result()
-        real = [error for error in self.errors if not isinstance(error, _Aborted)]
-        if real:
-            raise real[0]
-
-    def _forward(self, net: nn.Module, x: Tensor, slot: int) -> None:
-        self.local.slot = slot
+    @contextmanager
+    def entered(self) -> Iterator[None]:
         if torch.get_num_threads() != self.threads:
             # A pooled thread keeps the intra-op thread count it started with (OpenMP's is per
             # thread); use the caller's, or a pool made under set_num_threads(1) stays serial.
             torch.set_num_threads(self.threads)
-        try:
-            self._wait_for_turn(slot)
-            with torch.no_grad():  # grad mode is per thread
-                net(x)
-            self.finished.add(slot)  # only the thread whose turn it is touches the shared state
-            self._pass_turn(slot)
-        except BaseException as error:  # noqa: BLE001 - handed to the calling thread by run
-            self.errors.append(error)
-            for go in self.go:  # wake every waiting thread: each sees the error and stops
-                go.release()
-
-    def rendezvous(self, name: str, value: Tensor, on_all):
-        """Gather ``value`` from this batch at layer ``name``; return ``on_all(gathered)``."""
-        if self.gathered and self.gathered_at != name:
-            raise ConfigError(
-                f"calibration batches reached different layers ({self.gathered_at!r} and "
-                f"{name!r}) at the same point: the network must run the same matched layers, "
-                "in the same order, for every input"
-            )
-        self.gathered_at = name
-        self.gathered.append(value)
-        if len(self.gathered) + len(self.finished) == self.count:  # the last batch to arrive
-            gathered, self.gathered = self.gathered, []
-            if self.finished:
-                raise ConfigError(
-                    f"layer {name!r} ran for {len(gathered)} of {self.count} calibration "
-                    "batches: the network must run every matched layer for every input"
+        with ExitStack() as stack:
+            if self.cuda_device is not None:
+                stack.enter_context(torch.cuda.device(self.cuda_device))
+                stack.enter_context(torch.cuda.stream(self.cuda_stream))
+            for device_type, dtype in self.autocast:
+                stack.enter_context(
+                    torch.autocast(device_type, dtype=dtype, cache_enabled=self.autocast_cache)
                 )
-            self.result = on_all(gathered)
+            yield
+
+
+class _Aborted(Exception):
+    """Raised in a paused thread of a lockstep run that is being stopped."""
+
+
+class _Lockstep:
+    """Run ``net(batch)`` for every batch, each in a thread of a persistent pool, paused in
+    lockstep at the matched layers and conducted by the calling thread. This is how a forward
+    pass can be paused at a layer without knowing the network's code (one thread cannot: a hook
+    that ran the other batches itself could resume them only last-in, first-out).
+
+    The calling thread resumes one pool thread at a time (only one computes: no
+    oversubscription, and the shared statistics need no lock). A thread runs, under the
+    caller's context (``_CallerContext``), until a hook calls ``rendezvous``, which adds its
+    activation to the layer's statistics and pauses it. Once every batch has paused at the same
+    layer, the calling thread runs ``match(layer, statistics)`` (reduction across processes,
+    correction) and resumes each thread with its result: collectives are issued only by the
+    calling thread. The first error stops every thread and is raised by ``run``.
+    """
+
+    def __init__(self, count: int, match: Callable[[str, ChannelStatsAccumulator], Any]):
+        self.count = count
+        self.match = match
+        self.resume = [threading.Semaphore(0) for _ in range(count)]
+        self.paused = threading.Semaphore(0)  # released by a thread that paused or ended
+        self.at: list[str | None] = [None] * count  # the layer each thread last paused at
+        self.ended: set[int] = set()
+        self.errors: list[BaseException | None] = [None] * count
+        self.statistics = ChannelStatsAccumulator()
+        self.result: Any = None
+        self.aborted = False
+        self.local = threading.local()
+
+    def run(self, net: nn.Module, batches: Sequence[Tensor]) -> None:
+        context = _CallerContext.capture()
+        pool = _executor(self.count)
+        futures = [
+            pool.submit(self._forward, net, x, slot, context) for slot, x in enumerate(batches)
+        ]
+        try:
+            live = list(range(self.count))
+            while live:
+                for slot in live:
+                    self._step(slot)
+                    if self.errors[slot] is not None:
+                        raise self.errors[slot]
+                live = [slot for slot in live if slot not in self.ended]
+                if live:
+                    statistics, self.statistics = self.statistics, ChannelStatsAccumulator()
+                    self.result = self.match(self._layer(live), statistics)
+        finally:
+            self.aborted = True  # every thread still paused unwinds, one at a time
+            for slot in range(self.count):
+                if slot not in self.ended:
+                    self._step(slot)
+            for future in futures:
+                future.result()
+
+    def _layer(self, paused: list[int]) -> str:
+        """The one layer at which the ``paused`` threads wait, checked to be every batch's."""
+        names = sorted({self.at[slot] for slot in paused})
+        if len(names) > 1:
+            raise ConfigError(
+                f"calibration batches reached different layers ({names[0]!r} and {names[1]!r}) "
+                "at the same point: the network must run the same matched layers, in the same "
+                "order, for every input"
+            )
+        if len(paused) != self.count:
+            raise ConfigError(
+                f"layer {names[0]!r} ran for {len(paused)} of {self.count} calibration batches: "
+                "the network must run every matched layer for every input"
+            )
+        return names[0]
+
+    def _step(self, slot: int) -> None:
+        """Let thread ``slot`` run until it pauses or ends."""
+        self.resume[slot].release()
+        self.paused.acquire()
+
+    def _forward(self, net: nn.Module, x: Tensor, slot: int, context: _CallerContext) -> None:
+        self.local.slot = slot
+        try:
+            self._wait(slot)
+            with context.entered(), torch.no_grad():  # grad mode is per thread too
+                net(x)
+        except _Aborted:
+            pass
+        except BaseException as error:  # noqa: BLE001 - raised in the calling thread by run
+            self.errors[slot] = error
+        finally:
+            self.ended.add(slot)
+            self.paused.release()
+
+    def rendezvous(self, name: str, activation: Tensor) -> Any:
+        """Add this batch's ``activation`` at layer ``name`` to the statistics, pause until every
+        batch has, and return what ``match`` made of them."""
         slot = self.local.slot
-        self._pass_turn(slot)
-        self._wait_for_turn(slot)
+        self.statistics.update(activation)
+        self.at[slot] = name
+        self.paused.release()
+        self._wait(slot)
         return self.result
 
-    def _wait_for_turn(self, slot: int) -> None:
-        self.go[slot].acquire()
-        if self.errors:
+    def _wait(self, slot: int) -> None:
+        self.resume[slot].acquire()
+        if self.aborted:
             raise _Aborted
-
-    def _pass_turn(self, slot: int) -> None:
-        """Hand the turn to the next slot whose forward is still running (if any)."""
-        for step in range(1, self.count + 1):
-            following = (slot + step) % self.count
-            if following not in self.finished:
-                self.go[following].release()
-                return
 
 
 def layerwise(

@@ -28,7 +28,6 @@ from dam_lightning.matching.engine import layerwise, one_pass
 from dam_lightning.matching.hooks import eval_mode
 from dam_lightning.matching.statistics import (
     ChannelStats,
-    ChannelStatsAccumulator,
     affine_stats,
     all_reduce_sum,
     mean_gap,
@@ -169,10 +168,13 @@ def gaussian_match(
             lockstep: each matched layer's hook waits until every batch has reached it,
             measures its output over all of them, folds the correction and hands each batch
             its corrected output, so later layers are measured on corrected inputs. About one
-            forward pass over the calibration batches; it holds every batch's activation at
-            the current layer, and needs the network to run the same matched layers for every
-            batch. ``"layerwise"`` streams the batches once per layer, each forward stopped
-            right after that layer: less memory, more compute, the same weights.
+            forward pass over the calibration batches; the paused forwards hold every batch's
+            activation at the current layer (memory grows with the number of batches), and
+            the network must run the same matched layers for every batch. ``"layerwise"``
+            streams the batches once per layer, each forward stopped right after that layer:
+            memory of one batch's forward whatever their number, more compute, the same
+            weights. Both run every forward under the caller's autocast, CUDA device and
+            stream, and call ``reduce`` from the calling thread only.
         source_stats: cached ``measure_statistics(source_net, source_batches, layers)``; when
             given, F_s is not run and ``source_batches`` is not read.
         reduce: sums the statistics across processes (DDP), so every rank folds the same values.
@@ -245,14 +247,6 @@ class MatchingPlan:
     def adapts_batchnorm(self, module: nn.Module) -> bool:
         """AdaBN measures a BatchNorm's input; every other layer is measured at its output."""
         return self.batchnorm == "adabn" and isinstance(module, BATCHNORM_LAYERS)
-
-    def statistics(self, name: str, module: nn.Module, activations: list[Tensor]) -> ChannelStats:
-        """Statistics of layer ``name``'s activations (one per batch), reduced across
-        processes."""
-        accumulator = ChannelStatsAccumulator()
-        for activation in activations:
-            accumulator.update(self.channel_checked(name, module, activation))
-        return accumulator.compute(self.reduce)
 
     @staticmethod
     def channel_checked(name: str, module: nn.Module, activation: Tensor) -> Tensor:
@@ -342,6 +336,9 @@ def _fold_correction(module: nn.Module, alpha: Tensor, beta: Tensor) -> None:
     shape[1 if isinstance(module, TRANSPOSED_CONV_LAYERS) else 0] = -1
     weight.mul_(alpha.to(weight).view(shape))
     bias.copy_(alpha * bias.double() + beta)
+    # Autocast caches its low-precision copy of a parameter until the region ends, blind to
+    # in-place changes: drop it, or the next forward in this thread would use the old weights.
+    torch.clear_autocast_cache()
 
 
 def _batchnorm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
@@ -421,4 +418,5 @@ def _restored_on_error(modules: Iterable[nn.Module]):
         with torch.no_grad():
             for tensor, value in saved:
                 tensor.copy_(value)
+        torch.clear_autocast_cache()  # as in _fold_correction
         raise
