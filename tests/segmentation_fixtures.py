@@ -24,6 +24,9 @@ __all__ = [
     "CITYSCAPES_VOID_IDS",
     "WrittenDataset",
     "fixture_colour",
+    "flip_byte",
+    "png_chunk",
+    "png_chunks",
     "truncate",
     "write_cityscapes",
     "write_gta5",
@@ -87,30 +90,67 @@ def block_labels(rng: np.random.Generator, size: tuple[int, int], ids: np.ndarra
     return np.kron(blocks, np.ones((BLOCK, BLOCK), dtype=blocks.dtype))[:height, :width]
 
 
-def write_png16(path: Path, array: np.ndarray) -> Path:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and the CRC32 of type and data."""
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_chunks(path: Path) -> list[tuple[bytes, int, int]]:
+    """``(type, offset of the chunk's length field, data length)`` of every chunk of a PNG."""
+    data, pos, chunks = path.read_bytes(), 8, []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks.append((kind, pos, length))
+        pos += 12 + length
+    return chunks
+
+
+def write_png16(
+    path: Path,
+    array: np.ndarray,
+    interlaced: bool = False,
+    extra_chunks: tuple[bytes, ...] = (),
+) -> Path:
     """A 16-bit PNG of ``array`` ((H, W) or (H, W, C), C in 1..4, values < 65536), written by
-    hand (PIL cannot write multi-channel 16-bit): grey, grey+alpha, RGB or RGBA, no filtering.
-    ``torchvision.io.decode_png(..., ImageReadMode.UNCHANGED)`` reads it back exactly."""
+    hand (PIL cannot write multi-channel 16-bit): grey, grey+alpha, RGB or RGBA, no filtering;
+    Adam7-interlaced if ``interlaced``; ``extra_chunks`` (whole chunks, ``png_chunk``) go
+    between IHDR and IDAT. ``torchvision.io.decode_png(..., ImageReadMode.UNCHANGED)`` reads it
+    back exactly."""
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]
     height, width, channels = array.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = array.astype(">u2").reshape(height, width * channels)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    passes = (
+        [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2)]
+        if interlaced
+        else [(0, 0, 1, 1)]
+    )  # fmt: skip
+    raw = b""
+    for x0, y0, dx, dy in passes:  # each pass: its sub-image, filter type 0 on every row
+        sub = array[y0::dy, x0::dx].astype(">u2")
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub.reshape(sub.shape[0], -1))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlaced))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + b"".join(extra_chunks)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
     )
+    return path
+
+
+def flip_byte(path: Path, offset: int) -> Path:
+    """Invert every bit of the byte at ``offset`` (negative: from the end), as a bad disk or
+    transfer would damage it."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
     return path
 
 

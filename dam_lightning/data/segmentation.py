@@ -9,8 +9,11 @@ them; no class table is defined here (they all live in ``labels.py``).
 from __future__ import annotations
 
 import copy
+import io
+import struct
+import zlib
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +25,21 @@ from torch.utils.data import Dataset
 from dam_lightning.data.attributes import InfoAttributes
 from dam_lightning.data.labels import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_INFO, DatasetInfo
 from dam_lightning.data.transforms import LabelSize, SegmentationTransform, resize_mask
-from dam_lightning.errors import DataError, MissingFileError, WrongTypeError
+from dam_lightning.errors import DataError, MissingFileError, UnreadableFileError, WrongTypeError
 
 __all__ = [
     "DecodeError",
+    "PngFile",
     "SegmentationDataset",
     "check_root",
+    "damaged_file_error",
     "decode_error",
     "files_by_name",
     "folder_pairs",
     "no_files_error",
     "pair_by_name",
+    "read_bytes",
+    "read_png",
     "select_names",
 ]
 
@@ -177,9 +184,23 @@ class SegmentationDataset(InfoAttributes, Dataset):
         return image, self.id_to_train_id[label.long()]
 
     def read_image(self, path: Path) -> Tensor:
-        """The image as uint8 (3, H, W) RGB (an alpha channel is dropped)."""
+        """The image as uint8 (3, H, W) RGB (an alpha channel is dropped).
+
+        A PNG is checked first (``read_png``: structure, every chunk's CRC, the IEND chunk) and
+        must be a colour PNG (RGB, RGBA or palette; 16-bit colour is reduced to 8 bits exactly
+        as Pillow does); other formats are left to Pillow, which reports what it cannot decode.
+        """
+        data = read_bytes(path)
+        if _is_png(path, data):
+            png = read_png(path, data)
+            if png.colour_type in (0, 4):
+                raise DataError(
+                    f"{path} is {_a(png.kind)} {png.kind} PNG, not a colour image: images must "
+                    "be RGB or RGBA (a label file in the images folder?); restore the dataset's "
+                    "image"
+                )
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 rgb = np.array(image.convert("RGB"))
         except DecodeError as err:
             raise decode_error(path, err) from err
@@ -189,10 +210,24 @@ class SegmentationDataset(InfoAttributes, Dataset):
         """The label file's raw values as uint8 (H, W), checked against ``max_label_id``.
 
         Palette ("P") PNGs give their index values, not colours (GTA5's labels are palette PNGs
-        whose indices are Cityscapes labelIds).
+        whose indices are Cityscapes labelIds). A PNG is checked first (``read_png``) and must
+        be 8-bit greyscale or palette: other bit depths would not give the stored ids.
         """
+        data = read_bytes(path)
+        if _is_png(path, data):
+            png = read_png(path, data)
+            if png.channels > 1:
+                raise DataError(
+                    f"{path} is a {png.channels}-channel image, not a single-channel id PNG "
+                    f"({_a(png.kind)} {png.kind} PNG): {self.label_hint}"
+                )
+            if png.colour_type == 0 and png.bit_depth != 8:
+                raise DataError(
+                    f"{path} is {_a(png.kind)} {png.kind} PNG, but label ids are read from 8-bit "
+                    f"greyscale or palette PNGs (other bit depths are scaled): {self.label_hint}"
+                )
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 values = np.array(image)
         except DecodeError as err:
             raise decode_error(path, err) from err
@@ -237,12 +272,210 @@ def _wxh(shape: Sequence[int]) -> str:
     return f"{shape[-1]}x{shape[-2]}"
 
 
+def damaged_file_error(path: Path, reason: str) -> DataError:
+    """The error for a file that is damaged (``reason`` says how): names the file and the fix."""
+    return DataError(
+        f"{path} cannot be decoded ({reason}): the file is corrupt or truncated; re-download or "
+        "re-extract it"
+    )
+
+
 def decode_error(path: Path, err: Exception) -> DataError:
     """The error to raise (from ``err``) when ``path`` cannot be decoded: names file and fix."""
-    return DataError(
-        f"{path} cannot be decoded ({type(err).__name__}: {err}): the file is corrupt or "
-        "truncated; re-download or re-extract it"
+    return damaged_file_error(path, f"{type(err).__name__}: {err}")
+
+
+def read_bytes(path: Path, size: int = -1) -> bytes:
+    """The file's bytes (the first ``size`` if given); a file that vanished or may not be read
+    is refused naming it."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(size)
+    except FileNotFoundError as err:
+        raise MissingFileError(
+            f"{path} does not exist (it did when the dataset was listed); restore it"
+        ) from err
+    except PermissionError as err:
+        raise UnreadableFileError(f"{path} may not be read by this process: {err}") from err
+    except OSError as err:
+        raise decode_error(path, err) from err
+
+
+# ---- PNG checks: no damaged file reaches a native decoder --------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_BIT_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_COLOURS = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+"""The interlaced passes: (first column, first row, column step, row step)."""
+_MAX_SIDE = 1_000_000
+"""libpng's default width/height limit (beyond it libpng raises, which torchvision survives
+badly); no dataset image comes near it."""
+
+
+def _a(kind: str) -> str:
+    """The article for ``kind`` (``"an 8-bit RGB"``, ``"a 16-bit RGB"``)."""
+    return "an" if kind.startswith(("8-", "8 ")) else "a"
+
+
+def _is_png(path: Path, data: bytes) -> bool:
+    """Whether ``data`` must be a PNG: it says so, or its name does."""
+    return data.startswith(PNG_SIGNATURE) or Path(path).suffix.lower() == ".png"
+
+
+@dataclass(frozen=True)
+class PngFile:
+    """A PNG whose chunk structure and CRCs ``read_png`` checked, with its header fields.
+
+    ``chunks`` holds ``(type, start, end)`` of each chunk's data in ``data`` up to IEND.
+    """
+
+    data: bytes
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+    interlaced: bool
+    chunks: tuple[tuple[bytes, int, int], ...]
+
+    @property
+    def channels(self) -> int:
+        return _CHANNELS[self.colour_type]
+
+    @property
+    def kind(self) -> str:
+        """E.g. ``"16-bit RGB"``, ``"8-bit palette"``."""
+        return f"{self.bit_depth}-bit {_COLOURS[self.colour_type]}"
+
+    def _rows(self) -> list[tuple[int, int]]:
+        """(rows, bytes per row without the filter byte) of each pass (one when not
+        interlaced), empty passes left out."""
+        passes = _ADAM7 if self.interlaced else ((0, 0, 1, 1),)
+        bits = self.channels * self.bit_depth
+        rows = []
+        for x0, y0, dx, dy in passes:
+            width, height = -(-(self.width - x0) // dx), -(-(self.height - y0) // dy)
+            if width > 0 and height > 0:
+                rows.append((height, -(-width * bits // 8)))
+        return rows
+
+    def check_pixels(self, path: Path) -> None:
+        """Decompress the image data (zlib checks its own checksum) and check its size and
+        every row's filter type: what libpng would stop at. Raises ``DataError`` naming
+        ``path``; costs one decompression (``read_png`` alone costs a CRC pass)."""
+        rows = self._rows()
+        expected = sum(height * (1 + row) for height, row in rows)
+        view = memoryview(self.data)
+        stream = b"".join(view[s:e] for kind, s, e in self.chunks if kind == b"IDAT")
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(stream, expected + 1)
+        except zlib.error as err:
+            raise damaged_file_error(path, f"its image data does not decompress: {err}") from err
+        if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail:
+            found = f"{expected}+" if len(raw) > expected else str(len(raw))
+            raise damaged_file_error(
+                path,
+                f"its image data decompresses to {found} bytes"
+                f"{'' if inflater.eof else ' and does not end'}, not the {expected} bytes "
+                f"{_a(self.kind)} {self.width}x{self.height} image holds",
+            )
+        if inflater.unused_data:
+            raise damaged_file_error(path, "its image data has bytes after its end")
+        pixels, offset = np.frombuffer(raw, np.uint8), 0
+        for height, row in rows:
+            filters = pixels[offset : offset + height * (row + 1) : row + 1]
+            if filters.max() > 4:
+                bad = int(np.argmax(filters > 4))
+                raise damaged_file_error(
+                    path, f"row {bad} has filter type {filters[bad]} (PNG has 0..4)"
+                )
+            offset += height * (row + 1)
+
+    def essential(self) -> bytes:
+        """The PNG with the chunks that make its pixels only (IHDR, IDAT, IEND, and PLTE for a
+        palette image): no ancillary chunk (colour profile, text, ...) reaches a decoder."""
+        keep = (b"IHDR", b"IDAT", b"IEND") + ((b"PLTE",) if self.colour_type == 3 else ())
+        view = memoryview(self.data)
+        return PNG_SIGNATURE + b"".join(
+            view[s - 8 : e + 4] for kind, s, e in self.chunks if kind in keep
+        )
+
+
+def read_png(path: Path, data: bytes | None = None, header_only: bool = False) -> PngFile:
+    """``data`` (default: the file's bytes) checked as a PNG, before any decoder sees it.
+
+    Checks the signature, that every chunk lies inside the file with a valid type and a correct
+    CRC32 (any flipped byte fails one), a valid IHDR first, consecutive IDAT chunks, a palette
+    where one is needed, no unknown critical chunk, and the IEND chunk (a truncated file has
+    none). Pixels are not decompressed (``PngFile.check_pixels`` does that). With
+    ``header_only`` only the signature and the IHDR chunk are read and checked (33 bytes: the
+    size without reading the file). Raises ``DataError`` naming ``path``, what is damaged and
+    the fix.
+    """
+    if data is None:
+        data = read_bytes(path, 33 if header_only else -1)
+    if not data.startswith(PNG_SIGNATURE):
+        if not data:
+            raise damaged_file_error(path, "the file is empty")
+        if PNG_SIGNATURE.startswith(data):
+            raise damaged_file_error(path, f"truncated after {len(data)} bytes")
+        raise damaged_file_error(
+            path, f"not a PNG: it starts with {data[:8]!r}, not the PNG signature"
+        )
+    chunks, pos, end, view = [], len(PNG_SIGNATURE), len(data), memoryview(data)
+    while True:
+        if pos + 12 > end:
+            raise damaged_file_error(path, f"truncated: it ends at byte {end}, before its IEND")
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if not kind.isalpha() or length > 2**31 - 1:
+            raise damaged_file_error(path, f"the chunk header at byte {pos} is damaged")
+        start, stop = pos + 8, pos + 8 + length
+        if stop + 4 > end:
+            raise damaged_file_error(
+                path, f"truncated: it ends at byte {end}, inside its {kind.decode()} chunk"
+            )
+        (crc,) = struct.unpack_from(">I", data, stop)
+        if zlib.crc32(view[pos + 4 : stop]) != crc:
+            raise damaged_file_error(
+                path, f"its {kind.decode()} chunk at byte {pos} fails its CRC check"
+            )
+        chunks.append((kind, start, stop))
+        pos = stop + 4
+        if kind == b"IEND" or header_only:
+            break
+    kinds = [kind for kind, _, _ in chunks]
+    if kinds[0] != b"IHDR" or chunks[0][2] - chunks[0][1] != 13 or kinds.count(b"IHDR") > 1:
+        raise damaged_file_error(path, "its first chunk is not one IHDR (header) chunk")
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(
+        ">IIBBBBB", data, chunks[0][1]
     )
+    if (
+        not (0 < width <= _MAX_SIDE and 0 < height <= _MAX_SIDE)
+        or depth not in _BIT_DEPTHS.get(colour, ())
+        or (compression, filtering) != (0, 0)
+        or interlace > 1
+    ):
+        raise damaged_file_error(
+            path,
+            f"its header says {width}x{height}, bit depth {depth}, colour type {colour}, "
+            f"compression {compression}, filter {filtering}, interlace {interlace}: not a valid "
+            "PNG header",
+        )
+    if header_only:
+        return PngFile(data, width, height, depth, colour, interlace == 1, tuple(chunks))
+    idat = [i for i, kind in enumerate(kinds) if kind == b"IDAT"]
+    if not idat or idat != list(range(idat[0], idat[-1] + 1)):
+        raise damaged_file_error(path, "its image data (IDAT chunks) is missing or split")
+    critical = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+    unknown = [kind for kind in kinds if kind[:1].isupper() and kind not in critical]
+    if unknown:
+        raise damaged_file_error(path, f"unknown critical chunk {unknown[0].decode()}")
+    if colour == 3 and b"PLTE" not in kinds[: idat[0]]:
+        raise damaged_file_error(path, "a palette image without a palette (PLTE) before its data")
+    return PngFile(data, width, height, depth, colour, interlace == 1, tuple(chunks))
 
 
 # ---- helpers the family subclasses share ---------------------------------------------------------

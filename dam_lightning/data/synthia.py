@@ -2,7 +2,9 @@
 
 Only says where the files are and how its 16-bit label PNGs are read (class id in channel 0,
 instance id in channel 1; PIL would silently reduce them to 8 bits, so torchvision.io decodes
-them). Decoding of images, transforms and checks live in ``segmentation.py``.
+them, after ``read_png`` and ``PngFile.check_pixels`` made sure libpng meets no damage: it
+crashes the process on some). Decoding of images, transforms and checks live in
+``segmentation.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_png, read_file
+from torchvision.io import ImageReadMode, decode_png
 
 from dam_lightning.data.labels import SYNTHIA_ID_TO_TRAIN_ID, SYNTHIA_INFO
 from dam_lightning.data.segmentation import (
@@ -21,8 +23,10 @@ from dam_lightning.data.segmentation import (
     check_root,
     decode_error,
     folder_pairs,
+    read_png,
 )
 from dam_lightning.data.transforms import SegmentationTransform
+from dam_lightning.errors import DataError
 
 __all__ = ["SYNTHIA"]
 
@@ -43,9 +47,9 @@ class SYNTHIA(SegmentationDataset):
         >>> root = Path(tempfile.mkdtemp())
         >>> (root / "RGB").mkdir(); (root / "GT" / "LABELS").mkdir(parents=True)
         >>> Image.new("RGBA", (16, 8)).save(root / "RGB" / "0000001.png")
-        >>> ids = np.stack([np.full((8, 16), 8), np.full((8, 16), 3), np.zeros((8, 16))], -1)
-        >>> Image.fromarray(ids.astype(np.uint8)).save(root / "GT" / "LABELS" / "0000001.png")
-        >>> ds = SYNTHIA(root, transform=SegmentationTransform(size=(4, 8)))  # (the real labels are 16-bit; 8-bit reads too)
+        >>> ids = np.full((8, 16), 8, np.uint16)  # 16-bit greyscale (the release's are 16-bit RGB)
+        >>> Image.fromarray(ids).save(root / "GT" / "LABELS" / "0000001.png")
+        >>> ds = SYNTHIA(root, transform=SegmentationTransform(size=(4, 8)))
         >>> ds, ds.item_name(0), ds[0][1].unique().tolist()  # class 8 (car) -> trainId 13
         (SYNTHIA(size=(4, 8), images=1), '0000001', [13])
         >>> sorted(ds.class_subsets), len(ds.class_subsets["13"])
@@ -81,13 +85,27 @@ class SYNTHIA(SegmentationDataset):
         )
 
     def read_label(self, path: Path) -> Tensor:
-        """Channel 0 (the class id) of the label PNG as uint8 (H, W), checked to be < 256."""
+        """Channel 0 (the class id) of the 16-bit label PNG as uint8 (H, W), checked to be
+        < 256. The file is checked whole first (structure, CRCs, then the decompressed data:
+        libpng kills the process on damage it meets) and must be 16-bit: an 8-bit one has lost
+        its ids. Only the critical chunks reach the decoder."""
+        png = read_png(path)
+        if png.bit_depth != 16:
+            raise DataError(
+                f"{path} has bit depth {png.bit_depth} ({png.kind} PNG), but SYNTHIA's GT/LABELS "
+                "are 16-bit PNGs with the class id in the first channel: re-saved as 8 bits it "
+                "has lost them (a scaling conversion makes every id 0, all ignored). Restore the "
+                "file from the SYNTHIA-RAND-CITYSCAPES archive, and convert labels only with a "
+                "reader that keeps 16 bits (e.g. cv2.imread(path, cv2.IMREAD_UNCHANGED))"
+            )
+        png.check_pixels(path)
         try:
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its decoders for TorchCodec, which is no
                 # dependency here; nothing else installed reads 16-bit multi-channel PNGs.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                decoded = decode_png(read_file(str(path)), ImageReadMode.UNCHANGED)
+                encoded = torch.frombuffer(bytearray(png.essential()), dtype=torch.uint8)
+                decoded = decode_png(encoded, ImageReadMode.UNCHANGED)
         except DecodeError as err:
             raise decode_error(path, err) from err
         class_ids = decoded[0].to(torch.int32)  # torch has no max() for uint16
