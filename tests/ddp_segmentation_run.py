@@ -1,8 +1,10 @@
 """A 2-process CPU DDP GAM run on a tiny ERFNet, launched by tests/test_gam_segmentation.py (not
 collected by pytest).
 
-Usage: python tests/ddp_segmentation_run.py OUTDIR MODE. Lightning re-launches this script for
-rank 1. Each rank saves its module state and validation mIoU to OUTDIR.
+Usage: python tests/ddp_segmentation_run.py OUTDIR MODE [CHECKPOINT]. Lightning re-launches this
+script for rank 1. Each rank saves its module state and validation mIoU to OUTDIR; a checkpoint is
+written to OUTDIR/checkpoints/step=9.ckpt, in the middle of epoch 1; with CHECKPOINT the run
+resumes from it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dam_lightning.callbacks import GaussianMatching
 from dam_lightning.data import DomainAdaptationDataModule
@@ -35,7 +38,7 @@ def small_erfnet(num_classes: int) -> ERFNet:
     return ERFNet(num_classes, width=0.25, dropout=0, example_input_shape=(3, 32, 64))
 
 
-def main(outdir: str, mode: str) -> None:
+def main(outdir: str, mode: str, resume: str | None = None) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     # 7 validation images: an odd count that a padding sampler would have to repeat
@@ -55,16 +58,23 @@ def main(outdir: str, mode: str) -> None:
         discriminator_width=8,
         source_steps=3,
     )
+    # 4 batches per epoch and rank: epoch 0 is 3 source steps and 1 GAM batch (2 steps); the
+    # checkpoint at step 9 is after the second batch of epoch 1 (GaussianMatching at its start)
+    checkpoint = ModelCheckpoint(
+        dirpath=os.path.join(outdir, "checkpoints"), every_n_train_steps=9, save_top_k=-1,
+        filename="{step}",
+    )  # fmt: skip
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_find_unused_parameters_true",
-        max_epochs=3,  # 3 source batches (stage 1), then 3 adaptation batches
-        limit_train_batches=2,
+        max_epochs=3,
         limit_val_batches=None,
-        callbacks=[GaussianMatching(calibration_batches=1, mode=mode), SaveRankState(outdir)],
+        enable_checkpointing=True,
+        callbacks=[GaussianMatching(calibration_batches=1, mode=mode), SaveRankState(outdir),
+                   checkpoint],  # fmt: skip
     )
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=resume)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

@@ -119,3 +119,38 @@ def test_a_tap_on_batchnorm_follows_the_syncbatchnorm_that_replaces_it(tmp_path)
     assert len(received) == 2 * 3
     assert all(shape[1] == module.target_net.get_submodule(layer).num_features
                for shape in received)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_process_segmentation_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tmp_path):
+    """2 DDP processes, ERFNet, patch discriminators, Gaussian matching at every epoch start:
+    killed after a checkpoint in the middle of an epoch and resumed from it, the run ends with
+    the very weights of the uninterrupted one (the data module resumes its loaders there)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+    def run(outdir, *resume):
+        outdir.mkdir()
+        result = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "ddp_segmentation_run.py"), str(outdir),
+             "one_pass", *resume],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-4000:]
+        return torch.load(outdir / "rank0.pt"), torch.load(outdir / "rank1.pt")
+
+    straight = run(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step=9.ckpt"
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # inside epoch 1
+    resumed = run(tmp_path / "resumed", str(checkpoint))
+    for rank in (0, 1):
+        different = [
+            k for k in straight[rank] if not torch.equal(straight[rank][k], resumed[rank][k])
+        ]
+        assert different == [], (rank, different[:5])

@@ -7,11 +7,13 @@ Validation/test loaders are ``[target, source?]``. Datasets are built elsewhere 
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from dam_lightning.data.attributes import dataset_info
 from dam_lightning.data.few_shot import FewShot
@@ -57,17 +59,18 @@ def input_of(item, dataset=None) -> torch.Tensor:
     )
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that depends only on (seed, epoch, pass within the epoch).
+class EpochShuffleSampler(DistributedSampler):
+    """A random permutation that depends only on (seed, epoch, pass within the epoch), each
+    DDP rank taking its own share, and that can start in the middle of an epoch.
 
-    Unlike ``shuffle=True`` it does not draw from the global RNG, so a run resumed from a
-    checkpoint sees exactly the batches the uninterrupted run would have seen. Lightning calls
-    ``set_epoch`` on it at every epoch (under DDP through its ``DistributedSamplerWrapper``,
-    which forwards the call and takes each process's share of every pass); a loader cycled
-    within an epoch gets a new order per pass. The pass counter restarts with every epoch, so
-    a run resumed at an epoch boundary (where Lightning's epoch-end checkpoints are) continues
-    exactly. With ``world_size > 1`` it yields only this ``rank``'s share of each permutation
-    (every rank the same number of indices), for loaders that Lightning does not shard itself.
+    Unlike ``shuffle=True`` it does not draw from the global RNG, so a resumed run sees exactly
+    the batches the uninterrupted run would have seen. Lightning calls ``set_epoch`` at every
+    epoch; a loader cycled within an epoch (the shorter domain) gets a new order per pass. With
+    ``world_size > 1`` it yields only this ``rank``'s share of each permutation (every rank the
+    same number of indices); it derives from ``DistributedSampler`` so that Lightning uses it
+    as it is instead of wrapping it (rank and world size default to the process group's).
+    ``resume_at(epoch, batches, batch_size)`` (from a mid-epoch checkpoint) makes epoch
+    ``epoch`` start after its first ``batches`` batches: the pass and position they reached.
 
     Example:
         >>> sampler = EpochShuffleSampler(6, seed=0)
@@ -77,17 +80,36 @@ class EpochShuffleSampler(Sampler[int]):
         >>> shares = [list(EpochShuffleSampler(6, 0, rank=r, world_size=2)) for r in (0, 1)]
         >>> sorted(shares[0] + shares[1]) == list(range(6))
         True
+        >>> sampler.resume_at(0, batches=4, batch_size=2)  # 6 indices = 3 batches of 2 a pass
+        >>> sampler.set_epoch(0); list(sampler) == second[2:]  # pass 1, after its first batch
+        True
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, seed: int, rank: int | None = None, world_size: int | None = None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = world_size or (dist.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
+        # DistributedSampler's own state is not used: only its type tells Lightning not to wrap.
+        self.num_replicas, self.rank, self.world_size = world_size, rank, world_size
         self.size, self.seed = size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self._passes = 0, 0
+        self.epoch, self._passes, self._skip = 0, 0, 0
+        self._resume: tuple[int, int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._passes = epoch, 0
+        self.epoch, self._passes, self._skip = epoch, 0, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            _, batches, batch_size = self._resume
+            per_pass = max(len(self) // batch_size, 1)  # the loaders drop a last partial batch
+            self._passes, self._skip = divmod(batches, per_pass)
+            self._skip *= batch_size
+        self._resume = None
+
+    def resume_at(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Start epoch ``epoch`` after ``batches`` batches of ``batch_size`` (applied by the
+        ``set_epoch(epoch)`` that Lightning calls when the resumed epoch starts)."""
+        self._resume = (epoch, batches, batch_size)
 
     def __len__(self) -> int:
         return self.size // self.world_size if self.world_size > 1 else self.size
@@ -99,7 +121,8 @@ class EpochShuffleSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=generator)
         if self.world_size > 1:
             order = order[: len(self) * self.world_size][self.rank :: self.world_size]
-        return iter(order.tolist())
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:].tolist())
 
 
 class DomainAdaptationDataModule(L.LightningDataModule):
@@ -165,6 +188,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers)
         self.source, self.target = source, target
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) of a mid-epoch checkpoint
         self.few_shot_with_source = few_shot_with_source
         self.target_val = target_val if target_val is not None else target
         self.source_val = source_val
@@ -257,8 +281,10 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         batch_size: int,
         shuffle_seed: int | None,
     ) -> DataLoader:
-        if shuffle_seed is not None:  # under DDP, Lightning shards it (DistributedSamplerWrapper)
+        if shuffle_seed is not None:  # each DDP rank its share; mid-epoch resume
             sampler = EpochShuffleSampler(len(dataset), shuffle_seed)
+            if self._resume is not None:
+                sampler.resume_at(*self._resume, batch_size)
         elif dist.is_available() and dist.is_initialized():
             # Lightning's default evaluation sampler pads the last rank with repeated images,
             # which would count them twice; this one splits the set without repeats.
@@ -282,6 +308,23 @@ class DomainAdaptationDataModule(L.LightningDataModule):
     def target_dataloader(self) -> DataLoader:
         """Shuffled unlabelled target batches (inputs only)."""
         return self._loader(Unlabelled(self.target), self.batch_sizes["target"], self.seed + 1)
+
+    def state_dict(self) -> dict:
+        """Where the training epoch stands, saved by Lightning in every checkpoint: a run
+        resumed from a checkpoint written in the middle of an epoch (``every_n_train_steps``)
+        starts its training loaders after the batches that epoch already trained on, so it sees
+        exactly the batches the uninterrupted run sees. (Lightning itself cannot fast-forward a
+        plain DataLoader; ``batch_progress`` is its loop's count of this epoch's batches.)"""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = (state_dict["epoch"], state_dict["batches"]) if state_dict else None
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; these loaders do.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         module = self.trainer.lightning_module if self.trainer is not None else None
