@@ -300,3 +300,25 @@ def test_init_and_source_weights_take_the_authors_file_and_name_their_setting(tm
     full = ERFNet(20, width=0.25)
     assert load_network_weights(full, path).startswith("written ")
     assert all(torch.equal(v, released[f"module.{k}"]) for k, v in full.state_dict().items())
+
+
+def test_source_module_fine_tunes_from_the_authors_20_class_file_with_the_option(tmp_path):
+    """``SourceModule(init_weights=..., skip_mismatched_classifier=True)``: the config path to
+    start a 19-class fine-tune from the authors' released 20-class ERFNet file."""
+    from dam_lightning.modules import SourceModule
+
+    released = {f"module.{k}": v for k, v in ERFNet(20, width=0.25).state_dict().items()}
+    path = tmp_path / "erfnet_pretrained.pth"
+    torch.save(released, path)
+
+    def erfnet(num_classes):
+        return ERFNet(num_classes, width=0.25)
+
+    strict = SourceModule(erfnet, num_classes=19, task="segmentation", init_weights=str(path))
+    with pytest.raises(ValueError, match="^init_weights: .*skip_mismatched_classifier"):
+        strict.on_validation_start()
+    module = SourceModule(erfnet, num_classes=19, task="segmentation", init_weights=str(path),
+                          skip_mismatched_classifier=True)  # fmt: skip
+    module.on_validation_start()  # validate without a checkpoint loads init_weights too
+    encoder = {k: v for k, v in module.net.state_dict().items() if k.startswith("encoder.")}
+    assert encoder and all(torch.equal(v, released[f"module.{k}"]) for k, v in encoder.items())

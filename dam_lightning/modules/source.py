@@ -49,6 +49,9 @@ class SourceModule(EvaluatingModule):
             ``net``. Loaded once, when the first fit starts; a resumed fit, or a fit of a module
             restored from a checkpoint, keeps the weights it has (the ``weights_initialised``
             buffer, saved in checkpoints, records that).
+        skip_mismatched_classifier: with ``init_weights``, load everything but a classifier
+            whose class count differs (e.g. the authors' 20-class ERFNet file into 19 classes),
+            saying what was skipped; otherwise such a file is an error.
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -72,6 +75,7 @@ class SourceModule(EvaluatingModule):
         class_subsets: Mapping[str, Sequence[str]] | None = None,
         class_weights: Sequence[float] | None = None,
         init_weights: str | None = None,
+        skip_mismatched_classifier: bool = False,
     ):
         super().__init__(num_classes, task, class_names, class_subsets, class_weights)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "augment"])
@@ -109,7 +113,9 @@ class SourceModule(EvaluatingModule):
             return
         path = self.hparams.init_weights
         if path:
-            origin = load_initial_weights(self.net, path)
+            origin = load_initial_weights(
+                self.net, path, self.hparams.skip_mismatched_classifier
+            )
             rank_zero_info(f"Initial weights of the network: {path} ({origin})")
         elif fitting and getattr(self.trainer.datamodule, "few_shot", None):
             rank_zero_warn(
@@ -145,7 +151,7 @@ class SourceModule(EvaluatingModule):
         }
 
 
-def load_initial_weights(net: nn.Module, path: str) -> str:
+def load_initial_weights(net: nn.Module, path: str, skip_mismatched_classifier: bool = False) -> str:
     """Load ``net``'s weights from ``path`` (SourceModule or GAM checkpoint, or state dict) for
     ``init_weights``; returns where the file came from. A missing file gets advice of its own
     (no stage-1 config publishes fine-tuning weights)."""
@@ -155,4 +161,6 @@ def load_initial_weights(net: nn.Module, path: str) -> str:
             "runs/<experiment>/<date>_<time>/checkpoints/last.ckpt or "
             "runs/<name>_source/source.ckpt"
         )
-    return load_network_weights(net, path, setting="init_weights")
+    return load_network_weights(
+        net, path, setting="init_weights", skip_mismatched_classifier=skip_mismatched_classifier
+    )
