@@ -1,5 +1,6 @@
 """Segmentation metrics on one confusion matrix: pixel accuracy, mean class accuracy, per-class
-IoU, mIoU over all classes and over named class subsets (method.md §5); and the per-class and
+IoU, mIoU over all classes and over named class subsets in both conventions of the literature
+(``miou_<key>`` and ``miou_<key>_subset_only``, method.md §5); and the per-class and
 worst-class accuracy of any confusion matrix (classification too), computed here only.
 
 Pure functions in the torchmetrics pipeline (validate -> format -> update -> reduce) under a thin
@@ -27,6 +28,7 @@ __all__ = [
     "class_accuracy",
     "segmentation_confusion_matrix",
     "segmentation_scores",
+    "subset_only_iou",
     "worst_class",
 ]
 
@@ -204,6 +206,29 @@ def _class_iou(confmat: Tensor) -> Tensor:
     return tp / (counts.sum(dim=1) + counts.sum(dim=0) - tp)
 
 
+def subset_only_iou(confmat: Tensor, indices: Sequence[int]) -> Tensor:
+    """Per-class IoU of the classes ``indices`` when only pixels labelled with one of them are
+    scored: the evaluation of ground truth mapped to the subset, every other class ignored.
+
+    Of the ``(C, C)`` confusion matrix (rows = label, columns = prediction) only the subset's
+    rows count. For a subset class ``c``: TP = ``M[c, c]``; FN = the rest of row ``c``, a
+    prediction outside the subset included (a road pixel taken for terrain is wrong, it is not
+    remapped); FP = ``M[r, c]`` over the other subset rows ``r`` only (a terrain pixel taken for
+    vegetation no longer counts against vegetation). IoU = TP / (TP + FP + FN), NaN when 0/0.
+    For a network that can only predict subset classes (16 or 13 outputs) this is exactly the
+    usual evaluation against labels mapped to the subset.
+
+    Example:
+        >>> confmat = torch.tensor([[3, 1, 1], [0, 2, 0], [2, 1, 5]])  # class 2 not in subset
+        >>> [round(v, 4) for v in subset_only_iou(confmat, [0, 1]).tolist()]  # 3/5, 2/3
+        [0.6, 0.6667]
+    """
+    rows = confmat.double()[list(indices)]
+    square = rows[:, list(indices)]
+    tp = square.diagonal()
+    return tp / (rows.sum(dim=1) + square.sum(dim=0) - tp)
+
+
 def segmentation_scores(
     confmat: Tensor,
     class_names: Sequence[str],
@@ -218,7 +243,14 @@ def segmentation_scores(
     - ``worst_class_iou``: the smallest non-NaN IoU;
     - ``iou/<class name>``: every class's IoU (NaN when absent);
     - ``miou_<key>`` for each subset: the NaN-mean of the subset's own IoUs (never a rescaled
-      full mean), e.g. ``subsets={"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}``.
+      full mean), e.g. ``subsets={"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}``. Every
+      scored pixel counts: a pixel labelled with a class outside the subset (SYNTHIA's terrain,
+      truck, train) and predicted as a subset class is a false positive of that class;
+    - ``miou_<key>_subset_only`` for each subset: the NaN-mean of :func:`subset_only_iou`, the
+      other convention of the literature: only pixels labelled with a subset class are scored
+      (ground truth mapped to the subset, everything else ignored); their predictions outside
+      the subset count as wrong (false negatives), not remapped. Both come from the one
+      confusion matrix.
 
     A mean with nothing to average is NaN.
 
@@ -228,7 +260,8 @@ def segmentation_scores(
         >>> scores = segmentation_scores(confmat, ["road", "car", "bus"], subsets)
         >>> {k: round(v.item(), 4) for k, v in scores.items()}  # doctest: +NORMALIZE_WHITESPACE
         {'pixel_acc': 0.5, 'class_acc': 0.375, 'miou': 0.25, 'worst_class_iou': 0.0,
-         'iou/road': 0.75, 'iou/car': 0.0, 'iou/bus': 0.0, 'miou_no_bus': 0.375}
+         'iou/road': 0.75, 'iou/car': 0.0, 'iou/bus': 0.0, 'miou_no_bus': 0.375,
+         'miou_no_bus_subset_only': 0.375}
         >>> segmentation_scores(torch.zeros(2, 2, dtype=torch.long), ["a", "b"])["miou"]
         tensor(nan)
     """
@@ -248,7 +281,9 @@ def segmentation_scores(
     }
     scores.update({f"iou/{name}": iou[c] for c, name in enumerate(class_names)})
     for key, subset in (subsets or {}).items():
-        scores[f"miou_{key}"] = iou[class_indices(list(subset), tuple(class_names))].nanmean()
+        indices = class_indices(list(subset), tuple(class_names))
+        scores[f"miou_{key}"] = iou[indices].nanmean()
+        scores[f"miou_{key}_subset_only"] = subset_only_iou(confmat, indices).nanmean()
     return {name: value.float() for name, value in scores.items()}
 
 
@@ -268,7 +303,9 @@ class SegmentationMetrics(Metric):
 
     Args:
         class_names: one name per class id, e.g. ``CITYSCAPES_CLASSES``.
-        subsets: extra means over named class subsets, reported as ``miou_<key>``.
+        subsets: extra means over named class subsets, reported as ``miou_<key>`` (every
+            scored pixel counts) and ``miou_<key>_subset_only`` (only pixels labelled with a
+            subset class count), see :func:`segmentation_scores`.
         ignore_index: label value that is not scored.
         kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``...).
 

@@ -2,10 +2,14 @@
 families (a flipped byte anywhere, truncation, a wrong mode or bit depth) raises DataError naming
 the file and the fix, in the main process, in a DataLoader worker, and in a subprocess that
 shows no signal killed it (torchvision's libpng decoder used to SIGSEGV on a damaged 16-bit
-SYNTHIA label). The files are the real formats of tests/segmentation_fixtures."""
+SYNTHIA label). The files are the real formats of tests/segmentation_fixtures; the digits'
+formats (MNIST idx plain and gzipped, USPS bz2 LIBSVM) are written as tests/test_digits_data
+writes them."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import re
 import struct
 import subprocess
@@ -22,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from dam_lightning.cli import main
 from dam_lightning.data import GTA5, SYNTHIA, Cityscapes
+from dam_lightning.data.digits import MNIST, USPS
 from dam_lightning.errors import DataError
 
 from .conftest import REPO
@@ -35,6 +40,7 @@ from .segmentation_fixtures import (
     write_png16,
     write_synthia,
 )
+from .test_digits_data import usps_line, write_mnist, write_usps
 
 FAMILIES = {
     "cityscapes": (write_cityscapes, lambda root: Cityscapes(root, "val")),
@@ -272,4 +278,158 @@ def test_a_damaged_synthia_label_is_one_cli_line_from_a_worker(tmp_path, monkeyp
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"error: {label} cannot be decoded (its IDAT chunk"), lines[-5:]
     assert lines[-1].endswith("re-download or re-extract it")
+    assert not any("Traceback" in line for line in lines)
+
+
+# ---- the digits' formats: MNIST idx (plain and .gz), USPS bz2 LIBSVM ---------------------------
+# MNIST and USPS decode every file when the dataset is built (DigitDataset holds tensors; an item
+# is an index into them), so a damaged file raises in the constructor, in the main process,
+# before any DataLoader worker exists.
+
+MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def digits_file(tmp_path, fmt: str, which: int = 0):
+    """(a function building the dataset, the file to damage) for ``fmt`` "idx", "idx.gz" or
+    "usps"; ``which`` picks MNIST's images (0) or labels (1) file."""
+    if fmt == "usps":
+        path = write_usps(
+            tmp_path / "usps.t.bz2", [usps_line(d % 10 + 1, d / 10 - 0.45) for d in range(12)]
+        )
+        return (lambda: USPS(str(tmp_path), split="test")), path
+    write_mnist(tmp_path, n=3, compress=fmt == "idx.gz")
+    path = tmp_path / (MNIST_FILES[which] + (".gz" if fmt == "idx.gz" else ""))
+    return (lambda: MNIST(str(tmp_path), split="test")), path
+
+
+def assert_digits_error(build, path: Path, why: str = "") -> str:
+    with pytest.raises(DataError, match=re.escape(str(path)) + why) as err:
+        build()
+    message = str(err.value)
+    assert "re-download" in message or "rename it" in message, message
+    return message
+
+
+DIGITS_CASES = [("idx", 0), ("idx", 1), ("idx.gz", 0), ("idx.gz", 1), ("usps", 0)]
+
+
+@pytest.mark.parametrize(("fmt", "which"), DIGITS_CASES)
+def test_every_flipped_byte_of_a_digits_file_raises_or_changes_nothing(tmp_path, fmt, which):
+    """Each byte flipped in turn: DataError naming the file, or (a byte no check covers: the
+    gzip header's MTIME/XFL/OS, bzip2's block-size digit...) exactly the original tensors, never
+    other data. A plain idx images file has no checksum, so only its header is swept there (a
+    flipped pixel byte is a valid pixel); every label byte ^ 0xFF is above 9 and is caught."""
+    build, path = digits_file(tmp_path, fmt, which)
+    reference, original = build(), path.read_bytes()
+    sweep = range(16) if (fmt, which) == ("idx", 0) else range(len(original))
+    raised = 0
+    for offset in sweep:
+        flip_byte(path, offset)
+        try:
+            ds = build()
+        except DataError as err:
+            assert str(path) in str(err) and "re-download" in str(err), (offset, str(err))
+            raised += 1
+        else:
+            assert torch.equal(ds.images, reference.images), offset
+            assert torch.equal(ds.labels, reference.labels), offset
+        path.write_bytes(original)
+    assert raised >= len(sweep) - 10, (raised, len(sweep))  # all but a few header bytes
+
+
+@pytest.mark.parametrize(("fmt", "which"), DIGITS_CASES)
+def test_truncated_or_empty_digits_file_names_it(tmp_path, fmt, which):
+    build, path = digits_file(tmp_path, fmt, which)
+    original = path.read_bytes()
+    for keep in (0.01, 0.3, 0.5, 0.9, 0.999):
+        truncate(path, keep)
+        assert_digits_error(build, path)
+        path.write_bytes(original)
+    path.write_bytes(original[:-1])
+    assert_digits_error(build, path)
+    path.write_bytes(b"")
+    assert_digits_error(build, path, r" is empty \(0 bytes\)")
+    path.write_bytes(original)
+    build()
+
+
+def test_mnist_wrong_magic_header_and_compression_name_the_file(tmp_path):
+    build, images = digits_file(tmp_path, "idx", 0)
+    labels = tmp_path / MNIST_FILES[1]
+    original_images, original_labels = images.read_bytes(), labels.read_bytes()
+    labels.write_bytes(original_images)  # the images file under the labels' name
+    assert_digits_error(build, labels, r": idx magic number 2051, expected 2049 for labels")
+    labels.write_bytes(original_labels)
+    images.write_bytes(b"\x00\x00\x08\x01" + original_images[4:])  # a 1-d magic, 3-d data
+    assert_digits_error(build, images, r": idx magic number 2049, expected 2051 for images")
+    images.write_bytes(b"\x00\x00\x0d\x03" + original_images[4:])  # float32 data type
+    assert_digits_error(build, images, r": idx magic number 3331")
+    header = original_images[:4] + (2**32 - 1).to_bytes(4, "big") * 3  # no overflow
+    images.write_bytes(header + original_images[16:])
+    assert_digits_error(build, images, r" is \d+ bytes but its header \[4294967295, ")
+    images.write_bytes(original_images[:4] + bytes(4) + original_images[8:16])  # 0 images
+    assert_digits_error(build, images, r": its header says it holds 0 items")
+    images.write_bytes(gzip.compress(original_images))  # gzipped, named without .gz
+    message = assert_digits_error(build, images, r" is gzip-compressed but its name does not end")
+    assert f"rename it to {MNIST_FILES[0]}.gz" in message
+    images.unlink()
+    (tmp_path / (MNIST_FILES[0] + ".gz")).write_bytes(original_images)  # .gz, not gzipped
+    assert_digits_error(
+        build, tmp_path / (MNIST_FILES[0] + ".gz"), r" cannot be decompressed \(BadGzipFile"
+    )
+
+
+def test_mnist_gzip_with_a_corrupt_deflate_stream_is_a_data_error_not_a_zlib_error(tmp_path):
+    """zlib.error (not an OSError) escaped the reader before: a flip inside the deflate data
+    behind a valid gzip header."""
+    build, path = digits_file(tmp_path, "idx.gz", 0)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF  # the first byte of the deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot be decompressed \(error: Error -3") as err:
+        build()
+    assert isinstance(err.value.__cause__, zlib.error)
+    assert "the gzip file is corrupt or truncated; re-download the file" in str(err.value)
+
+
+def test_usps_not_bz2_or_not_text_names_the_file_and_the_fix(tmp_path):
+    build, path = digits_file(tmp_path, "usps")
+    text = bz2.decompress(path.read_bytes())
+    path.write_bytes(text)  # a decompressed copy under the .bz2 name
+    message = assert_digits_error(build, path, r" is not a readable bz2 text file")
+    assert "does not start with bzip2's signature 'BZh'" in message
+    path.write_bytes(bz2.compress(text[:4] + b"\xe9" + text[5:]))  # valid bz2, not ASCII
+    assert_digits_error(build, path, r" is not a readable bz2 text file \(UnicodeDecodeError")
+    path.write_bytes(bz2.compress(text[: len(text) // 2]))  # cut mid-line, then compressed
+    assert_digits_error(build, path, r": its last line \(line 7\) has no line end")
+
+
+def test_digits_decode_at_construction_so_a_loader_worker_never_meets_a_damaged_file(tmp_path):
+    build, path = digits_file(tmp_path, "idx.gz", 1)
+    good = build()
+    batches = list(DataLoader(good, batch_size=2, num_workers=1))  # workers only index tensors
+    assert torch.equal(torch.cat([x for x, _ in batches]), good.images)
+    flip_byte(path, len(path.read_bytes()) // 2)
+    with pytest.raises(DataError, match=re.escape(str(path)) + " cannot be decompressed"):
+        DataLoader(build(), batch_size=2, num_workers=1)  # raised building the dataset
+
+
+def test_a_damaged_mnist_file_is_one_cli_line(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path / "digits", n=3, compress=True)
+    path = tmp_path / "digits" / (MNIST_FILES[0] + ".gz")
+    flip_byte(path, len(path.read_bytes()) // 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit", "--config", str(REPO / "configs" / "mnist_usps_source.yaml"),
+                "--config", str(REPO / "configs" / "digits_reduced.yaml"),
+                f"--data.source.init_args.root={tmp_path / 'digits'}",
+                f"--data.target.init_args.root={tmp_path / 'digits'}",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {path} cannot be decompressed ("), lines[-5:]
+    assert lines[-1].endswith("re-download the file")
     assert not any("Traceback" in line for line in lines)

@@ -25,6 +25,7 @@ from dam_lightning.metrics import (
     class_accuracy,
     segmentation_confusion_matrix,
     segmentation_scores,
+    subset_only_iou,
     worst_class,
 )
 
@@ -155,8 +156,113 @@ def test_cityscapes_19_and_synthia_16_13_computed_over_each_subset():
     assert close(scores["miou"], nan_mean(iou.values()))
     assert close(scores["miou_16"], miou_16)
     assert close(scores["miou_13"], miou_13)
+    for key, subset in subsets.items():  # only pixels labelled with a subset class are scored
+        kept = {C(n) for n in subset}
+        tp = {c: 0 for c in kept}
+        labelled, predicted = dict(tp), dict(tp)
+        for lab, pred, n in PIXELS:
+            if lab in kept:
+                labelled[lab] += n
+                tp[lab] += n if lab == pred else 0
+                if pred in kept:
+                    predicted[pred] += n
+        seen = [c for c in kept if labelled[c] + predicted[c]]  # fence: only predicted, 0
+        only = [tp[c] / (labelled[c] + predicted[c] - tp[c]) for c in seen]
+        assert close(scores[f"miou_{key}_subset_only"], sum(only) / len(only)), key
     assert not close(scores["miou_16"], scores["miou"], tol=1e-3)  # its own mean, not the 19's
     assert scores["worst_class_iou"] == 0.0
+
+
+# ---- the two subset conventions on a hand-built matrix ------------------------------------------
+# terrain is outside the subset; bus is in it but only ever predicted, on a terrain pixel.
+SUBSET_CLASSES = ("road", "car", "terrain", "sky", "bus")
+SUBSET_CONFMAT = [
+    [5, 1, 2, 0, 0],  # road: 5 right, 1 taken for car, 2 for terrain (outside the subset)
+    [1, 3, 0, 0, 0],  # car
+    [2, 1, 4, 0, 1],  # terrain: 2 taken for road, 1 for car, 1 for bus
+    [0, 0, 0, 6, 0],  # sky
+    [0, 0, 0, 0, 0],  # bus: never labelled
+]
+SUBSET = ["road", "car", "sky", "bus"]
+
+
+def test_both_subset_conventions_match_the_hand_computation():
+    scores = as_floats(
+        segmentation_scores(torch.tensor(SUBSET_CONFMAT), SUBSET_CLASSES, {"4": SUBSET})
+    )
+    # every scored pixel counts: IoU = TP / (row + column - TP) of the whole matrix
+    road, car, sky, bus = 5 / (8 + 8 - 5), 3 / (4 + 5 - 3), 6 / 6, 0 / (0 + 1 - 0)
+    assert close(scores["miou_4"], (road + car + sky + bus) / 4)
+    # subset only: terrain's row is dropped; road's 2 pixels taken for terrain stay wrong (FN)
+    road, car, sky = 5 / (8 + 6 - 5), 3 / (4 + 4 - 3), 6 / 6  # bus: 0/0, NaN, left out
+    assert close(scores["miou_4_subset_only"], (road + car + sky) / 3)
+    assert close(scores["miou_4"], 0.4886364) and close(scores["miou_4_subset_only"], 0.7185185)
+    per_class = subset_only_iou(torch.tensor(SUBSET_CONFMAT), [0, 1, 3, 4]).tolist()
+    assert [round(v, 6) for v in per_class[:3]] == [0.555556, 0.6, 1.0]
+    assert math.isnan(per_class[3])
+
+
+def test_subset_only_equals_scoring_labels_mapped_to_the_subset():
+    """The definition, checked the long way: labels outside the subset set to ignore_index and
+    scored as a 19-class matrix; the subset's IoUs of that matrix are the subset-only IoUs."""
+    preds, target = pixel_arrays()
+    for subset in (SYNTHIA_16_CLASSES, SYNTHIA_13_CLASSES):
+        kept = torch.tensor([CITYSCAPES_CLASSES.index(n) for n in subset])
+        mapped = torch.where(torch.isin(target, kept), target, IGNORE_INDEX)
+        confmat = segmentation_confusion_matrix(preds, mapped, 19)
+        expected = segmentation_scores(confmat, CITYSCAPES_CLASSES, {"s": subset})["miou_s"]
+        full = segmentation_confusion_matrix(preds, target, 19)
+        got = segmentation_scores(full, CITYSCAPES_CLASSES, {"s": subset})
+        assert close(got["miou_s_subset_only"].item(), expected.item())
+        # PIXELS: terrain and truck pixels are predicted only as themselves (the 16 agree), but
+        # pole pixels taken for traffic sign count against it in the 13 only when all count
+        same = close(got["miou_s_subset_only"].item(), got["miou_s"].item(), tol=1e-3)
+        assert same == (len(subset) == 16)
+
+
+def test_all_pixels_convention_is_never_above_subset_only():
+    """Same TP and FN per subset class, FP only more; a class only predicted on pixels outside
+    the subset is 0 in one and left out (NaN) of the other."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        confmat = torch.randint(0, 4, (19, 19), generator=generator)
+        confmat[torch.rand(19, generator=generator) < 0.3] = 0  # classes without labels
+        for subset in (SYNTHIA_16_CLASSES, SYNTHIA_13_CLASSES):
+            scores = segmentation_scores(confmat, CITYSCAPES_CLASSES, {"s": subset})
+            assert scores["miou_s"] <= scores["miou_s_subset_only"] + 1e-6
+
+
+def test_a_synthia_run_reports_both_conventions_for_16_and_13(tmp_path):
+    """SYNTHIA -> Cityscapes as a run scores it: the task built from the SYNTHIA data's
+    subsets, evaluating a tiny network on Cityscapes val fixture files."""
+    from torch.utils.data import DataLoader
+
+    from dam_lightning.data import SYNTHIA, Cityscapes, SegmentationTransform
+    from dam_lightning.modules.task import make_task
+
+    from .segmentation_fixtures import write_cityscapes, write_synthia
+
+    synthia = SYNTHIA(write_synthia(tmp_path / "synthia", n=1).root)
+    val = Cityscapes(
+        write_cityscapes(tmp_path / "cityscapes").root,
+        "val",
+        transform=SegmentationTransform(size=None),
+    )
+    task = make_task("segmentation", 19, synthia.classes, synthia.class_subsets)
+    net = torch.nn.Conv2d(3, 19, 1)  # "road" everywhere: IoU(road) = road pixels / scored ones
+    torch.nn.init.zeros_(net.weight)
+    with torch.no_grad():
+        net.bias.copy_(torch.eye(19)[C("road")])
+    scores = task.evaluate(net, DataLoader(val, batch_size=2), torch.device("cpu"))
+    assert {"miou_16", "miou_13", "miou_16_subset_only", "miou_13_subset_only"} <= set(scores)
+
+    labels = torch.cat([y[y != IGNORE_INDEX] for _, y in DataLoader(val, batch_size=2)])
+    for key, subset in synthia.class_subsets.items():
+        kept = torch.tensor([C(n) for n in subset])
+        road, in_subset = (labels == C("road")).sum().item(), torch.isin(labels, kept).sum().item()
+        assert in_subset < len(labels)  # the fixture has pixels of classes outside the subset
+        assert close(scores[f"miou_{key}"], road / len(labels) / len(subset), 1e-6)
+        assert close(scores[f"miou_{key}_subset_only"], road / in_subset / len(subset), 1e-6)
 
 
 def test_logits_and_ids_give_the_same_scores():

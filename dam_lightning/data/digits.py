@@ -8,7 +8,9 @@ from __future__ import annotations
 import bz2
 import functools
 import gzip
+import math
 import re
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -127,12 +129,41 @@ def _plain_or_gz(path: Path) -> Path | None:
     return None
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse an idx file of uint8 data, rejecting a wrong magic number or a wrong length."""
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; an unreadable file (permissions, an I/O error) is a DataError."""
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:  # a damaged gzip stream
-        raise DataError(f"{path} cannot be decompressed ({err}); re-download the file") from err
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(
+            f"{path} cannot be read ({err.strerror or err}); check its permissions, or copy it "
+            "again"
+        ) from err
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Parse an idx file of uint8 data (gzipped when its name ends in ``.gz``), rejecting a
+    damaged gzip stream (its CRC32 catches any flipped byte), an empty file, a wrong magic
+    number and a length that does not fit the header. A plain idx file has no checksum: a
+    flipped pixel byte cannot be told from a real pixel (a flipped label byte above 9 can)."""
+    data = _read_bytes(path)
+    if not data:
+        raise DataError(f"{path} is empty (0 bytes); re-download the file")
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:  # not gzip, cut short, or corrupt
+            raise DataError(
+                f"{path} cannot be decompressed ({type(err).__name__}: {err}): the gzip file is "
+                "corrupt or truncated; re-download the file"
+            ) from err
+    elif data[:2] == _GZIP_MAGIC:
+        raise DataError(
+            f"{path} is gzip-compressed but its name does not end in .gz; rename it to "
+            f"{path.name}.gz (or gunzip it)"
+        )
     ndim = 3 if magic == _IDX_IMAGES else 1
     header = 4 * (1 + ndim)
     if len(data) < header:
@@ -147,13 +178,15 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
             f"{path}: idx magic number {found_magic}, expected {magic} for {kind}; "
             "check the file name, or re-download the file"
         )
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: no overflow from a damaged header
     if len(data) != expected:
         unpacked = " (decompressed)" if path.suffix == ".gz" else ""
         raise DataError(
             f"{path} is {len(data)} bytes{unpacked} but its header {dims} needs {expected} "
             "bytes: the file is truncated or has trailing data; re-download the file"
         )
+    if dims[0] == 0:
+        raise DataError(f"{path}: its header says it holds 0 items; re-download the file")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -279,13 +312,30 @@ class USPS(DigitDataset):
 
 def _read_libsvm(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse a USPS LIBSVM file into pixels (N, 256) float32 in [-1, 1] and labels (N,) 1..10."""
+    data = _read_bytes(path)
+    if not data:
+        raise DataError(f"{path} is empty (0 bytes); re-download it")
     try:
-        text = bz2.decompress(path.read_bytes()).decode("ascii")
-    except (OSError, EOFError, ValueError) as err:  # not bz2, cut short, or not text
-        raise DataError(f"{path} is not a readable bz2 text file ({err}); re-download it") from err
+        text = bz2.decompress(data).decode("ascii")
+    except (OSError, EOFError, ValueError) as err:  # not bz2, corrupt, cut short, or not text
+        what = (
+            "it is corrupt or truncated"
+            if data[:3] == b"BZh"
+            else "it does not start with bzip2's signature 'BZh', so it is not a bz2 file (a "
+            "decompressed copy must be compressed again: bzip2 <file>)"
+        )
+        raise DataError(
+            f"{path} is not a readable bz2 text file ({type(err).__name__}: {err}): {what}; "
+            "re-download it"
+        ) from err
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path} holds no samples; re-download it")
+    if not text.endswith("\n"):  # the released files end every line, the last one too
+        raise DataError(
+            f"{path}: its last line (line {lines[-1][0]}) has no line end, so the text was cut "
+            "short inside an image (its missing pixels would read as 0); re-download it"
+        )
     pixels = np.zeros((len(lines), _USPS_PIXELS), dtype=np.float32)
     labels = np.zeros(len(lines), dtype=np.int64)
     for row, (number, line) in enumerate(lines):

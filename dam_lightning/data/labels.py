@@ -219,4 +219,7 @@ CITYSCAPES_INFO = DatasetInfo(
 SYNTHIA_INFO = replace(
     CITYSCAPES_INFO, class_subsets={"16": SYNTHIA_16_CLASSES, "13": SYNTHIA_13_CLASSES}
 )
-"""SYNTHIA: Cityscapes' 19 trainIds, scored on its 16- and 13-class subsets."""
+"""SYNTHIA: Cityscapes' 19 trainIds, scored on its 16- and 13-class subsets, each in both
+conventions of the literature (``miou_16``: the subset's 19-class IoUs, every scored pixel
+counting; ``miou_16_subset_only``: only pixels labelled with a subset class scored; see
+``dam_lightning.metrics.segmentation_scores``)."""
