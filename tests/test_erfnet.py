@@ -1,16 +1,14 @@
-"""Segmentation networks: ERFNet as method.md section 3 specifies it (layout, sizes, paper taps,
-weights files) and the torchvision adapter (logits tensor, local weights only)."""
+"""ERFNet as method.md section 3 specifies it (layout, sizes, paper taps, weights files); the
+torchvision adapter's tests are in test_torchvision_models.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from dam_lightning.matching.taps import ActivationTaps, resolve_layer
-from dam_lightning.models import ERFNet, TorchvisionSegmentation
-from dam_lightning.models.torchvision import ARCHITECTURES
+from dam_lightning.models import ERFNet
 
 
 @pytest.fixture(autouse=True)
@@ -294,128 +292,3 @@ def test_files_of_another_network_say_so_naming_the_setting(tmp_path):
                        r"key of ERFNet \(the file's start conv1., fc., the network's "
                        r"decoder., encoder.\): is it the weights of another network\?"):  # fmt: skip
         load_network_weights(ERFNet(19, width=0.25), str(tmp_path / "r.pt"))
-
-
-# The torchvision adapter
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_each_torchvision_arch_returns_the_logits_tensor_at_the_input_size(arch):
-    net = TorchvisionSegmentation(4, arch=arch).eval()
-    with torch.no_grad():
-        out = net(torch.randn(1, 3, 64, 64))
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 64, 64)
-    assert not hasattr(net.model, "aux_classifier") or net.model.aux_classifier is None
-    assert net.example_input_shape == (3, 512, 1024)
-
-
-TAPS = {
-    "lraspp_mobilenet_v3_large": {
-        "model.backbone.4": (40, 8), "model.backbone.16": (960, 4),
-        "model.classifier.cbr": (128, 4), "model.classifier": (4, 8),
-    },
-    "fcn_resnet50": {
-        "model.backbone.layer1": (256, 16), "model.backbone.layer4": (2048, 8),
-        "model.classifier.2": (512, 8), "model.classifier": (4, 8),
-    },
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("arch", list(TAPS))
-def test_the_documented_torchvision_taps_are_single_tensors(arch):
-    net = TorchvisionSegmentation(4, arch=arch).eval()
-    with torch.no_grad():
-        acts = ActivationTaps(net, TAPS[arch])(torch.randn(1, 3, 64, 64))
-    found = {name: (a.shape[1], a.shape[-1]) for name, a in acts.items()}
-    assert found == TAPS[arch]
-
-
-def test_torchvision_weights_load_in_torchvision_adapter_or_checkpoint_layout(tmp_path):
-    trained = TorchvisionSegmentation(4, arch="deeplabv3_mobilenet_v3_large")
-    with_aux = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=4, aux_loss=True
-    )
-    with_aux.load_state_dict(trained.model.state_dict(), strict=False)
-    files = {
-        "torchvision.pth": with_aux.state_dict(),  # aux_classifier.* is left out
-        "adapter.pt": trained.state_dict(),
-        "source.ckpt": {"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}},
-    }
-    for name, blob in files.items():
-        torch.save(blob, tmp_path / name)
-        loaded = TorchvisionSegmentation(
-            4, arch="deeplabv3_mobilenet_v3_large", weights=str(tmp_path / name)
-        )
-        for key, value in loaded.state_dict().items():
-            assert torch.equal(value, trained.state_dict()[key]), (name, key)
-
-
-def test_backbone_weights_load_from_the_classification_model(tmp_path):
-    classifier = torchvision.models.mobilenet_v3_large(weights=None)
-    path = tmp_path / "mobilenet_v3_large.pth"
-    torch.save(classifier.state_dict(), path)
-    net = TorchvisionSegmentation(4, backbone_weights=str(path))
-    for key, value in net.model.backbone.state_dict().items():
-        assert torch.equal(value, classifier.features.state_dict()[key]), key
-
-
-def test_torchvision_weights_that_do_not_fit_are_clear_errors(tmp_path):
-    path = tmp_path / "nineteen.pt"
-    torch.save(TorchvisionSegmentation(19).state_dict(), path)
-    with pytest.raises(ValueError, match=r"^weights: .*nineteen.pt does not fit Torchvision"
-                       r"Segmentation: 4 wrongly shaped .* has 19 classes, the network's 4: set "
-                       r"skip_mismatched_classifier: true"):  # fmt: skip
-        TorchvisionSegmentation(4, weights=str(path))
-    with pytest.raises(ValueError, match=r"^backbone_weights: .*nineteen.pt does not fit "
-                       r"TorchvisionSegmentation: \d+ missing .*is it a resnet50 state dict"):  # fmt: skip
-        TorchvisionSegmentation(4, arch="fcn_resnet50", backbone_weights=str(path))
-    with pytest.raises(FileNotFoundError, match=r"^weights: .*absent.pt does not exist.*never"):
-        TorchvisionSegmentation(4, weights=str(tmp_path / "absent.pt"))
-    with pytest.raises(ValueError, match=r"unknown arch 'unet'.*lraspp_mobilenet_v3_large"):
-        TorchvisionSegmentation(4, arch="unet")
-
-
-def test_a_torchvision_coco_file_loads_all_but_its_21_class_classifier_when_asked(tmp_path,
-                                                                                   caplog):  # fmt: skip
-    """torchvision's own DeepLabV3 COCO file layout (21 classes, ``aux_classifier.*``)."""
-    coco = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
-    ).state_dict()
-    path = tmp_path / "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
-    torch.save(coco, path)
-    arch = "deeplabv3_mobilenet_v3_large"
-    with pytest.raises(ValueError, match=r"^weights: .* 2 wrongly shaped \(model.classifier.4."
-                       r"weight: file \(21, 256, 1, 1\), network \(19, 256, 1, 1\);.*the "
-                       r"file's classifier \(model.classifier.4\) has 21 classes"):  # fmt: skip
-        TorchvisionSegmentation(19, arch=arch, weights=str(path))
-    caplog.set_level("WARNING", logger="dam_lightning.weights")
-    torch.manual_seed(3)
-    net = TorchvisionSegmentation(19, arch=arch, weights=str(path), skip_mismatched_classifier=True)
-    torch.manual_seed(3)
-    fresh = TorchvisionSegmentation(19, arch=arch)
-    for key, value in net.state_dict().items():
-        expected = fresh.state_dict()[key] if key.startswith("model.classifier.4.") else coco[key[6:]]
-        assert torch.equal(value, expected), key
-    assert "dropped aux_classifier.* (this adapter has no auxiliary classifier)" in caplog.text
-    assert "skipped the classifier model.classifier.4.weight, model.classifier.4.bias: the " \
-        "file's has 21 classes, the network's 19" in caplog.text
-
-
-@pytest.mark.parametrize("setting", ["backbone_weights", "weights"])
-def test_a_torchvision_resnet101_imagenet_file_loads_the_backbone(tmp_path, setting, caplog):
-    """torchvision's ``resnet101-cd907fc2.pth`` layout (``conv1``, ``layer1-4``, ``fc``) as
-    ``backbone_weights``, or as ``weights`` (the backbone, the head left initialised)."""
-    resnet = torchvision.models.resnet101(weights=None, num_classes=10).state_dict()
-    path = tmp_path / "resnet101-cd907fc2.pth"
-    torch.save(resnet, path)
-    caplog.set_level("WARNING", logger="dam_lightning.weights")
-    torch.manual_seed(5)
-    net = TorchvisionSegmentation(4, arch="deeplabv3_resnet101", **{setting: str(path)})
-    for key, value in net.model.backbone.state_dict().items():
-        assert torch.equal(value, resnet[key]), key
-    torch.manual_seed(5)
-    fresh = TorchvisionSegmentation(4, arch="deeplabv3_resnet101")
-    for key, value in net.model.classifier.state_dict().items():
-        assert torch.equal(value, fresh.model.classifier.state_dict()[key]), key
-    if setting == "weights":
-        assert "the resnet101 classification model loaded into the backbone only" in caplog.text

@@ -26,28 +26,41 @@ ARCHITECTURES = (
 
 
 class TorchvisionSegmentation(nn.Module):
-    """A torchvision segmentation model (``torchvision.models.segmentation.<arch>``) with the
-    auxiliary classifier off, whose forward returns the logits (N, classes, H, W) at the input
-    size. The torchvision model is the submodule ``model``, so every layer name starts with
-    ``model.``.
+    """A torchvision segmentation model (``torchvision.models.segmentation.<arch>``) whose
+    forward returns the main head's logits (N, classes, H, W) at the input size. The torchvision
+    model is the submodule ``model``, so every layer name starts with ``model.``: a GAM config
+    taps ResNet's third stage as ``layers: {model.backbone.layer3: 1.0}``.
 
-    Good tap names (each returns one tensor; strides for an input of stride 1):
+    Good tap names (each returns one tensor; channels, then stride relative to the input):
 
+    - ``deeplabv3_resnet50``, ``deeplabv3_resnet101``: ``model.backbone.layer1`` (256 ch,
+      1/4), ``model.backbone.layer2`` (512 ch, 1/8), ``model.backbone.layer3`` (1024 ch, 1/8,
+      dilated: what torchvision's auxiliary head reads), ``model.backbone.layer4`` (2048 ch,
+      1/8, dilated: the head's input), ``model.classifier.0`` (ASPP, 256 ch),
+      ``model.classifier.3`` (256 ch after BN + ReLU), ``model.classifier`` (logits, 1/8).
+    - ``fcn_resnet50``, ``fcn_resnet101``: ``model.backbone.layer1`` .. ``model.backbone.layer4``
+      as above, ``model.classifier.2`` (512 ch after BN + ReLU), ``model.classifier`` (logits,
+      1/8).
+    - ``deeplabv3_mobilenet_v3_large``: ``model.backbone.4`` (40 ch, 1/8),
+      ``model.backbone.16`` (960 ch, 1/16, the head's input), ``model.classifier.0`` (ASPP,
+      256 ch), ``model.classifier.3`` (256 ch after BN + ReLU), ``model.classifier`` (logits,
+      1/16).
     - ``lraspp_mobilenet_v3_large``: ``model.backbone.4`` (40 ch, 1/8, the head's "low"
       input), ``model.backbone.16`` (960 ch, 1/16, "high"), ``model.classifier.cbr`` (128 ch,
       1/16), ``model.classifier`` (logits, 1/8).
-    - ``deeplabv3_mobilenet_v3_large``: ``model.backbone.4`` (40 ch, 1/8),
-      ``model.backbone.16`` (960 ch, 1/16), ``model.classifier.0`` (ASPP, 256 ch),
-      ``model.classifier.3`` (256 ch after BN + ReLU), ``model.classifier`` (logits, 1/16).
-    - ``deeplabv3_resnet50``: ``model.backbone.layer1`` .. ``model.backbone.layer4`` (256, 512,
-      1024, 2048 ch; 1/4, then 1/8 for the dilated layer2-4), ``model.classifier.0`` (ASPP),
-      ``model.classifier.3`` (256 ch), ``model.classifier`` (logits, 1/8).
-    - ``fcn_resnet50``: ``model.backbone.layer1`` .. ``model.backbone.layer4`` as above,
-      ``model.classifier.2`` (512 ch after BN + ReLU), ``model.classifier`` (logits, 1/8).
-    - ``deeplabv3_resnet101``, ``fcn_resnet101``: as their ``resnet50`` counterparts.
+    - every one: ``output``, the logits at the input size.
 
-    ``model.backbone`` itself returns a dict and cannot be tapped. Gaussian matching folds into
-    the BatchNorms and biased convolutions (``foldable_layers``).
+    Blocks inside a stage are taps too (``model.backbone.layer3.22``: ResNet-101's last block
+    of layer3, which has 23; ResNet-50's has 6); a block's own ``relu`` runs three times, so tap
+    the block. ``model.backbone`` itself returns a dict and cannot be tapped. Gaussian matching
+    folds into the BatchNorms and biased convolutions (``foldable_layers``).
+
+    The auxiliary classifier (torchvision's ``aux_loss=True``: an FCN head on layer3 for the
+    ResNets, on ``backbone.4`` for DeepLabV3-MobileNet; LR-ASPP has none) is never built, so it
+    is never in the logits: no task here trains it, and built it would either run for nothing
+    (parameters without a gradient under DDP) or sit unrun (BatchNorms Gaussian matching would
+    wait on). A file that holds one (``aux_classifier.*``, torchvision's COCO files, or a model
+    built with ``aux_loss=True``) loads: those keys are dropped, and the log says so.
 
     Args:
         num_classes: number of output classes.
