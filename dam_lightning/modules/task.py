@@ -221,7 +221,9 @@ class SegmentationTask(Task):
             )
         self.class_weights = None if class_weights is None else torch.tensor(class_weights)
         self.summary_columns = SegmentationTask.summary_columns + tuple(
-            f"miou_{key}" for key in self.class_subsets
+            column
+            for key in self.class_subsets
+            for column in (f"miou_{key}", f"miou_{key}_subset_only")  # both conventions
         )
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
