@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dam_lightning.errors import WrongTypeError
@@ -68,7 +69,7 @@ class EvaluatingModule(L.LightningModule):
         Every rank calls this at the same point of the step, with its own error or None: one
         tiny all-gather of a flag; only when some rank failed, its error is broadcast and every
         rank raises it, as ``rank <r>: <message>``. In one process it just raises ``error``."""
-        if self.trainer.world_size == 1:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             if error is not None:
                 raise error
             return
