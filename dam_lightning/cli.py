@@ -27,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -39,6 +40,7 @@ import dam_lightning.models
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
 from dam_lightning.cli_errors import short_parse_error, user_message
+from dam_lightning.cpu_threads import choose_cpu_threads
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.errors import ConfigError
 from dam_lightning.modules.base import EvaluatingModule
@@ -280,6 +282,10 @@ class DamCLI(LightningCLI):
         for logger in trainer.loggers:
             _quiet_wandb_logger(logger)
         self._choose_ddp_flavour(trainer)
+        if isinstance(trainer.accelerator, CPUAccelerator):
+            line = choose_cpu_threads(trainer.num_devices)
+            if line:
+                rank_zero_info(line)
         return trainer
 
     def _choose_ddp_flavour(self, trainer: L.Trainer) -> None:

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# A fixed thread count: the CLI would otherwise choose one from the machine's load at each run
+# (dam_lightning.cpu_threads), and runs compared to the last bit must use the same one.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)
 

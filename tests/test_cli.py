@@ -204,3 +204,31 @@ def test_the_segmentation_demo_variants_parse_on_top_of_the_demo(overlay, capsys
               "--config", str(REPO / "configs" / overlay), "--print_config"])  # fmt: skip
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["logger"]["init_args"]["name"] == overlay.removesuffix(".yaml")
+
+
+def test_a_cpu_run_takes_the_cores_other_work_leaves_free(monkeypatch):
+    """Beside a busy process PyTorch's threads stall each other: one thread per free core,
+    shared among the run's processes; OMP_NUM_THREADS set by the user wins."""
+    import torch
+
+    from dam_lightning import cpu_threads
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 0.9)  # one other busy process
+        torch.set_num_threads(2)
+        line = cpu_threads.choose_cpu_threads(processes=1)
+        assert torch.get_num_threads() == 1
+        assert line.startswith("CPU threads: 1 per process (2 cores, 0.9 busy")
+        monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 0.05)  # a quiet machine
+        torch.set_num_threads(2)
+        cpu_threads.choose_cpu_threads(processes=1)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 2.0)
+        assert "OMP_NUM_THREADS" in cpu_threads.choose_cpu_threads(processes=1)
+        assert torch.get_num_threads() == 2  # the user's choice stands
+    finally:
+        torch.set_num_threads(threads)
