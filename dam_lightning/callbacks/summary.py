@@ -96,17 +96,13 @@ def milestones_due(pl_module, done) -> list[tuple[str, object]]:
     if pl_module.gaussian_report is not None and "after Gaussian matching" not in done:
         if pl_module.matched_at_step == pl_module.trainer.global_step:
             due.append(("after Gaussian matching", pl_module.target_net))
-        elif "after Gaussian matching" not in _warned:
-            _warned.add("after Gaussian matching")
+        else:  # Python's warnings show it once (one call site)
             rank_zero_warn(
                 "the 'after Gaussian matching' milestone was not measured: F_t had already "
                 "taken adaptation steps. List GaussianMatching before AdaptationSummary and "
                 "StageOverlays in trainer.callbacks"
             )
     return due
-
-
-_warned: set[str] = set()
 
 
 def format_table(
