@@ -74,6 +74,8 @@ class StageOverlays(L.Callback):
         self._images: tuple[Tensor, Tensor] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not trainer.is_global_zero:  # rank 0 alone draws (and records) the stages
+            return
         for stage, net in milestones_due(pl_module, self.stages):
             self._record(trainer, pl_module, stage, net)
 
