@@ -53,6 +53,23 @@ def wandb_records(path: Path):
             pieces = []
 
 
+def finished_offline_run(wandb_dir: Path) -> Path:
+    """End the W&B run and wait until its offline files are whole; returns the run's folder.
+
+    ``wandb.finish()`` only tells the W&B service (a process of its own) that the run ended; the
+    service writes the last block of the run's transaction log (up to 32 KiB: the last rows) when
+    it closes the run's stream, a moment later. Read at once on a busy machine, the file lacked
+    its last rows (measured: right after ``finish`` the file held only its 7-byte header, 2 s
+    later all of it). ``wandb.teardown()`` returns once the service process has exited, every
+    file closed; the next ``wandb.init`` starts a new one."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+    (run,) = (wandb_dir / "wandb").glob("offline-run-*")
+    return run
+
+
 def wandb_history(run: Path) -> list[dict]:
     """Every ``log`` call of the run, as ``{key: value}`` with media as their JSON dicts."""
     (log,) = run.glob("run-*.wandb")
@@ -113,7 +130,6 @@ def offline_wandb(tmp_path, monkeypatch):
 
 
 def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(offline_wandb):
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from dam_lightning.data import Cityscapes, DomainAdaptationDataModule, SegmentationTransform
@@ -143,8 +159,7 @@ def test_an_offline_wandb_run_holds_layer_curves_masks_iou_table_and_confusion(o
     try:
         trainer.fit(module, datamodule=data)
     finally:
-        wandb.finish()  # writes the run's last records; no W&B run left open for other tests
-    (run,) = (offline_wandb / "wandb").glob("offline-run-*")
+        run = finished_offline_run(offline_wandb)  # no W&B run left open for other tests
     history = wandb_history(run)
 
     # per-layer discriminator accuracy, losses and activation gap, under one prefix per layer
@@ -323,7 +338,6 @@ def test_a_csv_logged_run_with_the_dashboard_keeps_its_metrics_and_tensorboard_g
 
 
 def test_diagnose_logs_its_figures_to_an_offline_wandb_run(offline_wandb):
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     from dam_lightning.data import DomainAdaptationDataModule, SynDigits
@@ -341,8 +355,7 @@ def test_diagnose_logs_its_figures_to_an_offline_wandb_run(offline_wandb):
     try:
         trainer.diagnose(SourceModule(LeNet), data, ckpt_path=str(weights), calibration_batches=2)
     finally:
-        wandb.finish()
-    (run,) = (offline_wandb / "wandb").glob("offline-run-*")
+        run = finished_offline_run(offline_wandb)
     logged = {key: value for row in wandb_history(run) for key, value in row.items()}
     for figure in ("gap_by_layer", "histograms"):
         picture = Image.open(run / "files" / logged[f"diagnose/{figure}"]["path"])
