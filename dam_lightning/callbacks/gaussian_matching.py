@@ -14,8 +14,11 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
+from dam_lightning.callbacks.dashboard import logged_step
+from dam_lightning.callbacks.progress import Phase, announce
 from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import (
     ChannelStats,
@@ -24,6 +27,7 @@ from dam_lightning.matching import (
     gaussian_match,
     measure_statistics,
 )
+from dam_lightning.matching.engine import reporting_matched_layers
 from dam_lightning.modules.gam import GAMAdaptModule
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,11 @@ class GaussianMatching(L.Callback):
     measured once per fit. When it has run is saved in checkpoints: a resumed run matches
     exactly when the uninterrupted one would have.
 
-    Logged (per matched layer): ``gaussian/mean_gap_before/<layer>``, ``.../mean_gap_after/..``,
-    ``gaussian/std_gap_before/<layer>``, ``gaussian/std_gap_after/<layer>``.
+    Logged at each matching: ``gaussian/mean_gap_before``, ``gaussian/mean_gap_after``,
+    ``gaussian/std_gap_before``, ``gaussian/std_gap_after`` (averages over the matched layers)
+    and ``gaussian/matched_layers`` (their number); W&B also gets every layer's four gaps as one
+    table, ``gaussian/per_layer``. On screen (rank 0, when the trainer shows bars) the source
+    statistics and the matching each show a bar; their durations go to the log.
 
     Args:
         layers: layers to match (dotted names of Conv/Linear/BatchNorm modules); default all.
@@ -113,38 +120,44 @@ class GaussianMatching(L.Callback):
 
     def match(self, trainer: L.Trainer, pl_module: L.LightningModule) -> GaussianMatchingReport:
         """Measure, correct and log once; returns the per-layer report."""
-        target_batches = self._batches(trainer, pl_module, "target")
+        layers = self._layer_names(pl_module)
         if self._source_stats is None:
-            source_batches = self._batches(trainer, pl_module, "source")
-            self._source_stats = measure_statistics(
-                pl_module.source_net, source_batches, self._layer_names(pl_module)
+            self._source_stats = self._measure_source(trainer, pl_module, layers)
+        target_batches = self._batches(trainer, pl_module, "target")
+        with (
+            Phase(trainer, "Gaussian matching", len(layers), "layers") as phase,
+            reporting_matched_layers(phase.advance),
+        ):
+            report = gaussian_match(
+                pl_module.source_net,
+                pl_module.target_net,
+                source_batches=[],
+                target_batches=target_batches,
+                layers=layers,
+                batchnorm=self.batchnorm,
+                mode=self.mode,
+                source_stats=self._source_stats,
             )
-        report = gaussian_match(
-            pl_module.source_net,
-            pl_module.target_net,
-            source_batches=[],
-            target_batches=target_batches,
-            layers=self._layer_names(pl_module),
-            batchnorm=self.batchnorm,
-            mode=self.mode,
-            source_stats=self._source_stats,
-        )
         pl_module.on_gaussian_matched(report)  # e.g. the drift anchor moves to F_t's weights
-        metrics = {f"gaussian/{k}": v for k, v in report.summary().items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_report(trainer, report)
         message = (
-            f"Gaussian matching at epoch {trainer.current_epoch}: {len(report.layers)} layers, "
-            f"mean gap {_average(report, 'mean_gap_before'):.4f} -> "
+            f"Gaussian matching at epoch {trainer.current_epoch}: {len(report.layers)} layers "
+            f"in {phase.seconds:.1f} s, mean gap {_average(report, 'mean_gap_before'):.4f} -> "
             f"{_average(report, 'mean_gap_after'):.4f}"
         )
         if self.first_epoch is None:
-            rank_zero_info(message)  # the first one on screen, the later ones in the log only
+            announce(message)  # the first one on screen, the later ones in the log only
             self.first_epoch = trainer.current_epoch
         elif rank_zero_only.rank == 0:
             log.info(message)
         self.last_epoch = trainer.current_epoch
         return report
+
+    def _measure_source(self, trainer: L.Trainer, pl_module, layers: list[str]) -> dict:
+        """F_s's statistics on the source calibration batches (one forward pass over them)."""
+        batches = self._batches(trainer, pl_module, "source")
+        with Phase(trainer, "Source statistics", len(batches), "batches") as phase:
+            return measure_statistics(pl_module.source_net, phase.track(batches), layers)
 
     def _layer_names(self, pl_module) -> list[str]:
         return self.layers if self.layers is not None else foldable_layers(pl_module.target_net)
@@ -182,3 +195,47 @@ class OnDevice(Sequence):
 def _average(report: GaussianMatchingReport, gap: str) -> float:
     values = [getattr(layer, gap) for layer in report.layers.values()]
     return sum(values) / max(len(values), 1)
+
+
+REPORT_COLUMNS = ("layer", "mean_gap_before", "mean_gap_after", "std_gap_before", "std_gap_after")
+"""The columns of the per-layer table of one matching (W&B's ``gaussian/per_layer``)."""
+
+
+def report_scalars(report: GaussianMatchingReport) -> dict[str, float]:
+    """The few numbers of one matching that every logger gets: each gap averaged over the
+    matched layers, and how many layers were matched.
+
+    Example:
+        >>> from types import SimpleNamespace as Match
+        >>> report = GaussianMatchingReport({"a": Match(mean_gap_before=1.0, mean_gap_after=0.0,
+        ...     std_gap_before=0.5, std_gap_after=0.0)})
+        >>> scalars = report_scalars(report)
+        >>> scalars["gaussian/mean_gap_before"], scalars["gaussian/matched_layers"]
+        (1.0, 1)
+    """
+    scalars = {f"gaussian/{gap}": _average(report, gap) for gap in REPORT_COLUMNS[1:]}
+    return {**scalars, "gaussian/matched_layers": len(report.layers)}
+
+
+def report_rows(report: GaussianMatchingReport) -> list[list]:
+    """One row per matched layer, in network order, in ``REPORT_COLUMNS``' order."""
+    return [
+        [name] + [getattr(match, gap) for gap in REPORT_COLUMNS[1:]]
+        for name, match in report.layers.items()
+    ]
+
+
+def log_report(trainer: L.Trainer, report: GaussianMatchingReport) -> None:
+    """Log one matching: ``report_scalars`` to every logger, and to W&B also the per-layer gaps
+    as one table, ``gaussian/per_layer`` (four keys per layer would be 452 of ERFNet's)."""
+    step = logged_step(trainer)
+    scalars = report_scalars(report)
+    for logger in trainer.loggers:
+        metrics = dict(scalars)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            metrics["gaussian/per_layer"] = wandb.Table(
+                columns=list(REPORT_COLUMNS), data=report_rows(report)
+            )
+        logger.log_metrics(metrics, step=step)

@@ -11,10 +11,9 @@ import json
 import os
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning.pytorch.utilities import rank_zero_warn
-
+from dam_lightning.callbacks.progress import Phase
 from dam_lightning.runs import atomic_write_text, run_directory
 
 
@@ -29,7 +28,8 @@ class AdaptationSummary(L.Callback):
     accuracy, class accuracy, mIoU and worst-class IoU for segmentation) and ``summary.json``
     (every metric, per-class IoUs included) into the run directory (beside ``checkpoints/``)
     and logs ``summary/<milestone>/<metric>``. Survives resuming: the rows measured before the
-    interruption are stored in the checkpoint.
+    interruption are stored in the checkpoint. Each scoring shows a bar named after its
+    milestone (rank 0, when the trainer shows bars) and logs its duration.
 
     Args:
         final_label: name of the last row (e.g. "after ADDA" for that ablation).
@@ -43,21 +43,25 @@ class AdaptationSummary(L.Callback):
         self.final_label = final_label
         self.rows: dict[str, dict[str, float]] = {}
 
-    def _evaluate(self, trainer: L.Trainer, pl_module, net) -> dict[str, float]:
+    def _evaluate(self, trainer: L.Trainer, pl_module, net, stage: str) -> dict[str, float]:
+        """The metrics of ``net`` on the target validation set, with a bar named after the
+        milestone (a full pass over the set takes a while) and its duration in the log."""
         target_val = trainer.datamodule.val_dataloader()[0]
-        return pl_module.task.evaluate(net, target_val, pl_module.device, "target_val batch")
+        with Phase(trainer, f"Scoring {stage}", _length(target_val), "batches") as phase:
+            return pl_module.task.evaluate(
+                net, phase.track(target_val), pl_module.device, "target_val batch"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         for stage, net in milestones_due(pl_module, self.rows):
-            self.rows[stage] = self._evaluate(trainer, pl_module, net)
+            self.rows[stage] = self._evaluate(trainer, pl_module, net, stage)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.adapting:
-            self.rows[self.final_label] = self._evaluate(trainer, pl_module, pl_module.target_net)
+            stage, net = self.final_label, pl_module.target_net
         else:  # the budget ended inside stage 1 (GAMAdaptModule warns): F_s as it stands
-            self.rows["source only (stage 1 unfinished)"] = self._evaluate(
-                trainer, pl_module, pl_module.source_net
-            )
+            stage, net = "source only (stage 1 unfinished)", pl_module.source_net
+        self.rows[stage] = self._evaluate(trainer, pl_module, net, stage)
         metrics = {
             f"summary/{stage.replace(' ', '_')}/{name}": value
             for stage, row in self.rows.items()
@@ -84,6 +88,13 @@ class AdaptationSummary(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = dict(state_dict["rows"])
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable dataset: a bar without a total
+        return None
 
 
 def milestones_due(pl_module, done) -> list[tuple[str, object]]:

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +36,37 @@ from dam_lightning.matching.statistics import ChannelStats, ChannelStatsAccumula
 
 LayerMatch = Any
 """What the plan returns for one matched layer (``gaussian.LayerMatch``); engines only collect it."""
+
+
+_LAYER_MATCHED: ContextVar[Callable[[str], None] | None] = ContextVar(
+    "layer_matched", default=None
+)
+
+
+@contextmanager
+def reporting_matched_layers(layer_matched: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, both engines call ``layer_matched(name)`` in the calling thread once
+    each layer is corrected (a progress bar: matching ERFNet's 113 layers takes a while). A
+    context variable, so that ``gaussian_match`` and its callers need no argument for it.
+
+    Example:
+        >>> done = []
+        >>> with reporting_matched_layers(done.append):
+        ...     _report_matched("encoder.0")
+        >>> done
+        ['encoder.0']
+    """
+    token = _LAYER_MATCHED.set(layer_matched)
+    try:
+        yield
+    finally:
+        _LAYER_MATCHED.reset(token)
+
+
+def _report_matched(name: str) -> None:
+    layer_matched = _LAYER_MATCHED.get()
+    if layer_matched is not None:
+        layer_matched(name)
 
 
 class MatchingPlan(Protocol):
@@ -85,8 +117,10 @@ def one_pass(
         measured = statistics.compute(plan.reduce)
         if plan.adapts_batchnorm(module):
             matches[name] = plan.adapt(name, module, measured)
+            _report_matched(name)
             return None
         matches[name] = plan.correct(name, module, measured)
+        _report_matched(name)
         return matches[name].alpha, matches[name].beta
 
     lockstep = _Lockstep(len(batches), match)
@@ -304,6 +338,7 @@ def layerwise(
             matches[name] = plan.adapt(name, module, inputs.compute(plan.reduce), measured=before)
         else:
             matches[name] = plan.correct(name, module, before)
+        _report_matched(name)
     return matches
 
 
