@@ -39,16 +39,18 @@ import dam_lightning.data
 import dam_lightning.models
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
-from dam_lightning.cli_errors import short_parse_error, user_message
+from dam_lightning.cli_errors import point_at_fix, short_parse_error, user_message
 from dam_lightning.cpu_threads import choose_cpu_threads
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.errors import ConfigError
 from dam_lightning.modules.base import EvaluatingModule
+from dam_lightning.preflight import synthetic_data_config
 from dam_lightning.runs import (
     LOG_FILE,
     RUN_FOLDER_ENV,
     RunFolder,
     atomic_write_text,
+    checkpoint_network,
     claim_run_folder,
     launch_rank,
     run_directory,
@@ -56,7 +58,7 @@ from dam_lightning.runs import (
     unused_path,
 )
 from dam_lightning.trainer import DamTrainer
-from dam_lightning.weights import read_weights_file
+from dam_lightning.weights import checkpoint_origin, read_weights_file
 
 DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
@@ -135,6 +137,7 @@ class _DamArgumentParser(LightningArgumentParser):
     any of the Union subtypes" report (both still shown with ``--debug``)."""
 
     debug = False
+    config_files: tuple[str, ...] = ()  # the --config files given, to name the one with a bad key
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", LibraryChoicesHelpFormatter)
@@ -146,8 +149,30 @@ class _DamArgumentParser(LightningArgumentParser):
         self.logger.error(message)
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"(`{prog} --help` lists the options; --debug shows the details)\n")
-        sys.stderr.write(f"error: {short_parse_error(message, ex)}\n")
+        line = short_parse_error(message, ex, self._dotted_keys(), self.config_files)
+        sys.stderr.write(f"error: {line}\n")
         raise SystemExit(2)
+
+    def _dotted_keys(self) -> list[str]:
+        """The keys this parser and its subcommands' parsers accept (``trainer.max_steps``...),
+        for "did you mean"."""
+        keys = []
+        for action in self._actions:
+            keys.append(action.dest)
+            for parser in getattr(action, "_name_parser_map", {}).values():
+                keys += [a.dest for a in parser._actions]
+        return keys
+
+
+def _config_files(argv: list[str]) -> tuple[str, ...]:
+    """The files given with ``--config FILE`` or ``--config=FILE``, in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return tuple(files)
 
 
 def _parser_kwargs() -> dict:
@@ -163,6 +188,7 @@ class RunReport:
     folder: str | None = None
     created_folder: bool = False  # this process made the folder (rank 0)
     new_parents: list[str] = field(default_factory=list)  # the folders made to hold it
+    data_keys: dict[str, list[str]] = field(default_factory=dict)  # "GTA5": ["source"]
     trainer: L.Trainer | None = None
 
 
@@ -187,8 +213,9 @@ class DamCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's four commands and ``diagnose`` (``DamTrainer.diagnose``)."""
-        return {**LightningCLI.subcommands(), "diagnose": {"model", "datamodule"}}
+        """Lightning's four commands, ``diagnose`` and ``preflight`` (``DamTrainer``'s)."""
+        ours = {"diagnose": {"model", "datamodule"}, "preflight": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), **ours}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # What the data is decides the task: a config names a dataset and a network only.
@@ -212,8 +239,28 @@ class DamCLI(LightningCLI):
             )
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
-            read_weights_file(str(path), "--ckpt_path")
+            blob = read_weights_file(str(path), "--ckpt_path")
+            self._refuse_another_network(blob, str(path))
         super()._parse_ckpt_path()
+
+    def _refuse_another_network(self, blob: dict, path: str) -> None:
+        """A checkpoint of another network than the config's is named as such, before
+        Lightning applies the checkpoint's settings to the config (its ``layers: {fc3: ...}``
+        on an ERFNet would otherwise fail with a list of the 115 layers ERFNet has)."""
+        config = self.config[self.config.subcommand]
+        held, built = checkpoint_network(blob, path), _network_class(config)
+        if not held or not built or held.rsplit(".", 1)[-1] == built.rsplit(".", 1)[-1]:
+            return
+        held, built = held.rsplit(".", 1)[-1], built.rsplit(".", 1)[-1]
+        given = [str(c) for c in (config.get("config") or [])]
+        configs = f" ({', '.join(given)})" if given else ""
+        origin = checkpoint_origin(blob)
+        fix = f" (its run's config: {origin}/config.yaml)" if origin else ""
+        raise ConfigError(
+            f"--ckpt_path: {path} holds {held} weights, but the config{configs} builds "
+            f"{built}: pass a checkpoint written with this config, or use the config that "
+            f"trained the checkpoint{fix}"
+        )
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         """Lightning's keyword arguments of the command, with ``weights_only=True``: Lightning
@@ -232,6 +279,8 @@ class DamCLI(LightningCLI):
         subcommand = self.subcommand
         config = self.config[subcommand]
         self._config_as_given = config.clone()  # what config.yaml records: no run folder in it
+        if subcommand == "preflight" and config.get("synthetic"):
+            synthetic_data_config(config.data, config.steps)
         parent, name = self._run_folder_place(config)
         inherited = os.environ.get(RUN_FOLDER_ENV) if launch_rank() > 0 else None
         if inherited:
@@ -244,6 +293,7 @@ class DamCLI(LightningCLI):
             self.report.created_folder = True
             os.environ[RUN_FOLDER_ENV] = folder  # for the processes Lightning starts itself
         self.report.folder = folder
+        self.report.data_keys = _data_keys(config)
         for logger in _logger_configs(config):
             _point_logger_at(logger, folder)
         if config.trainer.get("logger") in (None, True):  # Lightning's default logger
@@ -271,10 +321,12 @@ class DamCLI(LightningCLI):
         self.report.trainer = trainer
         ckpt = self.config[self.subcommand].get("ckpt_path")
         ckpt = str(ckpt) if ckpt and os.path.isfile(str(ckpt)) else None
+        network = _network_class(self.config[self.subcommand])
         if self.subcommand == "fit":
-            run_folder = RunFolder(self.report.folder, resumed_from=ckpt)
+            run_folder = RunFolder(self.report.folder, resumed_from=ckpt, network=network)
         else:  # evaluation writes no checkpoint: point at the one it reads
-            run_folder = RunFolder(self.report.folder, checkpoints=ckpt and os.path.dirname(ckpt))
+            checkpoints = ckpt and os.path.dirname(ckpt)
+            run_folder = RunFolder(self.report.folder, checkpoints=checkpoints, network=network)
         trainer.callbacks.insert(0, run_folder)
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
@@ -345,6 +397,27 @@ class DamCLI(LightningCLI):
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
 
 
+def _data_keys(config) -> dict[str, list[str]]:
+    """Each dataset class of a subcommand's config and the data keys that hold it
+    (``{"GTA5": ["source"], "Cityscapes": ["target", "target_val"]}``), for errors that name
+    the option to set."""
+    keys: dict[str, list[str]] = {}
+    data = config.get("data")
+    for key, value in (vars(data) if data is not None else {}).items():
+        class_path = value.get("class_path") if hasattr(value, "get") else None
+        if class_path:
+            keys.setdefault(str(class_path).rsplit(".", 1)[-1], []).append(key)
+    return keys
+
+
+def _network_class(config) -> str | None:
+    """The class path of the network a subcommand's config builds (``model.init_args.net``)."""
+    init = config.get("model", {}).get("init_args") if hasattr(config, "get") else None
+    net = init.get("net") if hasattr(init, "get") else None
+    net = net.get("class_path") if hasattr(net, "get") else net
+    return str(net) if net else None
+
+
 def _logger_configs(config) -> list:
     """The logger entries (``class_path``/``init_args`` namespaces) of a subcommand's config."""
     loggers = config.trainer.get("logger")
@@ -386,6 +459,7 @@ def main(args=None) -> None:
     argv = [a for a in argv if a != "--debug"]
     _quiet_console()
     _DamArgumentParser.debug = debug
+    _DamArgumentParser.config_files = _config_files(argv)
     report = RunReport()
     inherited_env = os.environ.get(RUN_FOLDER_ENV)
     try:
@@ -402,6 +476,7 @@ def main(args=None) -> None:
         )
     except BaseException as err:
         error = None if debug else user_message(err)
+        error = error and point_at_fix(error, report.data_keys)
         log = _close_run(report, failed=err)
         if error is None:
             raise

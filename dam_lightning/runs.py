@@ -16,6 +16,7 @@ import tempfile
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -90,16 +91,25 @@ class RunFolder(L.Callback):
         checkpoints: the folder for ``ModelCheckpoint`` callbacks without a ``dirpath``; default
             ``<path>/checkpoints`` (an evaluation command passes the folder of the checkpoint it
             reads, where nothing is written, so Lightning does not warn that it moved).
+        network: the class path of the network the run builds, kept in its checkpoints so that
+            a command given a checkpoint of another network says so (``checkpoint_network``).
 
     Example:
         >>> RunFolder("runs/demo/2026-12-02_01-09-37").path
         'runs/demo/2026-12-02_01-09-37'
     """
 
-    def __init__(self, path: str, resumed_from: str | None = None, checkpoints: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        resumed_from: str | None = None,
+        checkpoints: str | None = None,
+        network: str | None = None,
+    ):
         self.path = path
         self.resumed_from = resumed_from
         self.checkpoints = checkpoints
+        self.network = network
         self._handler: logging.Handler | None = None
         self._levels: dict[str, int] = {}
 
@@ -153,10 +163,34 @@ class RunFolder(L.Callback):
         self._handler = None
 
     def state_dict(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path, "network": self.network}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A resumed run keeps its own new folder; where it came from is in its log."""
+
+
+def checkpoint_network(blob: dict, path: str) -> str | None:
+    """The class path of the network a checkpoint holds: what its ``RunFolder`` recorded, else
+    what the ``config.yaml`` of the run that wrote it names (``model.init_args.net``); None when
+    neither says.
+
+    Example:
+        >>> checkpoint_network({"callbacks": {"RunFolder": {"network": "m.LeNet"}}}, "x.ckpt")
+        'm.LeNet'
+    """
+    state = blob.get("callbacks", {}).get("RunFolder") if isinstance(blob, dict) else None
+    state = state if isinstance(state, dict) else {}
+    if state.get("network"):
+        return str(state["network"])
+    folder = state.get("path") or os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        net = config["model"]["init_args"]["net"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    net = net.get("class_path") if isinstance(net, dict) else net
+    return str(net) if net else None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

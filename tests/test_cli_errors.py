@@ -226,3 +226,135 @@ def test_a_target_item_of_the_wrong_kind_is_one_line_even_from_a_worker(workers,
         "error: DictItems(split='all', size=64) returned a dict item; a domain-adaptation "
         "dataset must return an image tensor or an (image, label) tuple or list"
     )
+
+
+# ---- first errors that point at the fix (issue 22) -----------------------------------------------
+
+GTA = str(REPO / "configs" / "gta.yaml")
+SEG_TINY = str(REPO / "tests" / "conf" / "seg_tiny.yaml")
+
+
+def _gta(roots: Path, *extra: str, command: str = "fit", config: str = GTA) -> list[str]:
+    return [
+        command, "--config", config, "--config", SEG_TINY, "--trainer.logger=false",
+        f"--data.source.init_args.root={roots / 'gta5'}",
+        f"--data.target.init_args.root={roots / 'cityscapes'}",
+        f"--data.target_val.init_args.root={roots / 'cityscapes'}", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def gta_roots(tmp_path) -> Path:
+    """A GTA5 tree of 3 pairs (one label a few pixels off its image's size) and Cityscapes."""
+    from .segmentation_fixtures import write_cityscapes, write_gta5
+
+    write_gta5(tmp_path / "gta5", n=3)
+    write_cityscapes(tmp_path / "cityscapes", "train", per_city=1)
+    write_cityscapes(tmp_path / "cityscapes", "val", per_city=1)
+    return tmp_path
+
+
+def _lenet_checkpoint(path: Path, network: str | None) -> Path:
+    """A demo (LeNet) checkpoint as GAMAdaptModule writes it; ``network`` is what its RunFolder
+    recorded (None: a checkpoint from before RunFolder recorded it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {"target_net.fc3.weight": torch.zeros(2, 2)},
+            "hyper_parameters": {"_class_path": "dam_lightning.modules.GAMAdaptModule",
+                                 "layers": {"fc3": 0.1, "fc4": 1.0}},
+            "callbacks": {"RunFolder": {"path": str(path.parent.parent), "network": network}},
+        },
+        path,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "run-config"])
+def test_a_checkpoint_of_another_network_says_which_and_the_fix(recorded, tmp_path, capsys):
+    ckpt = tmp_path / "runs" / "demo" / "run1" / "checkpoints" / "last.ckpt"
+    _lenet_checkpoint(ckpt, "dam_lightning.models.LeNet" if recorded else None)
+    if not recorded:  # older checkpoints: the network comes from the run's config.yaml
+        (ckpt.parent.parent / "config.yaml").write_text(
+            "model:\n  init_args:\n    net:\n      class_path: dam_lightning.models.LeNet\n"
+        )
+    line = _error(_gta(tmp_path, f"--ckpt_path={ckpt}", command="validate"), capsys)
+    assert line == (
+        f"error: --ckpt_path: {ckpt} holds LeNet weights, but the config ({GTA}, {SEG_TINY}) "
+        "builds ERFNet: pass a checkpoint written with this config, or use the config that "
+        f"trained the checkpoint (its run's config: {ckpt.parent.parent}/config.yaml)"
+    )
+    assert list(tmp_path.glob("runs/demo/run1/validate-*")) == []  # refused before any folder
+
+
+def test_a_long_list_in_an_error_is_cut_with_a_count(gta_roots, capsys):
+    line = _error(_gta(gta_roots, "--model.init_args.layers={fc9: 1.0}"), capsys)
+    assert line.startswith(
+        "error: layers: ERFNet has no layer named 'fc9'. Valid layer names: encoder, "
+        "encoder.initial_block, encoder.initial_block.conv, encoder.initial_block.pool, "
+        "encoder.initial_block.bn, ... ("
+    )
+    assert line.endswith(" more), output (the network's output)")
+    assert len(line) < 300
+
+
+def test_a_misspelt_key_on_the_command_line_gets_did_you_mean(tmp_path, capsys):
+    line = _error(_demo(tmp_path, "--model.init_args.drift_wieght=1.0"), capsys, code=2)
+    assert line == (
+        "error: model: Option 'drift_wieght' is not accepted (did you mean 'drift_weight'?)"
+    )
+    line = _error(_demo(tmp_path, "--data.batch_sise=3"), capsys, code=2)
+    assert line.endswith("(did you mean 'data.batch_size'?)")
+
+
+def test_a_misspelt_key_in_an_overlay_names_the_overlay(tmp_path, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  init_args:\n    drift_wieght: 1.0\n")
+    line = _error(_demo(tmp_path, "--config", str(overlay)), capsys, code=2)
+    assert line == (
+        "error: model: Option 'drift_wieght' is not accepted "
+        f"(did you mean 'drift_weight'?; in {overlay})"
+    )
+    overlay.write_text("trainer:\n  max_step: 3\n")
+    line = _error(_demo(tmp_path, "--config", str(overlay)), capsys, code=2)
+    assert line == (
+        "error: Subcommand 'fit' does not accept option 'trainer.max_step' "
+        f"(did you mean 'trainer.max_steps'?; in {overlay})"
+    )
+
+
+def test_a_key_that_moved_lists_the_accepted_ones(capsys):
+    line = _error(["fit", "--config", GTA, "--data.source.init_args.size=[512, 1024]"], capsys, 2)
+    assert line == (
+        "error: data.source: Option 'size' is not accepted "
+        "(accepted: labelled, root, size_mismatch, split_file, transform)"
+    )
+
+
+def test_missing_segmentation_data_points_at_the_datasets_doc(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's data/gta5 does not exist here
+    line = _error(["fit", "--config", GTA, "--trainer.logger=false"], capsys)
+    assert line.startswith("error: GTA5 root 'data/gta5' is not a folder.")
+    assert line.endswith("(where to get it: docs/datasets.md, section 'Segmentation')")
+    assert "## Segmentation" in (REPO / "docs" / "datasets.md").read_text()
+
+
+def test_a_size_written_as_text_shows_the_accepted_form(capsys):
+    args = ["fit", "--config", GTA, "--data.source.init_args.transform.size=512x1024"]
+    line = _error(args, capsys, code=2)
+    assert line == (
+        "error: data.source.transform.size: expected a list such as [512, 1024], got "
+        "'512x1024': in a config write [512, 1024], on the command line "
+        "--data.source.init_args.transform.size '[512, 1024]'"
+    )
+
+
+def test_a_size_mismatch_names_the_option_the_user_types(gta_roots, capsys):
+    config = str(REPO / "configs" / "gta_source.yaml")
+    args = _gta(gta_roots, "--data.source.init_args.size_mismatch=error", config=config)
+    line = _error(args, capsys)
+    assert "1 of 3 pairs differ in size" in line
+    assert line.endswith(
+        "pass --data.source.init_args.size_mismatch resize to resize such labels with nearest "
+        "neighbour, or --data.source.init_args.size_mismatch skip to drop those pairs"
+    )
