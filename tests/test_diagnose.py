@@ -239,6 +239,43 @@ def test_outputs_are_written(lenet_diagnosis, tmp_path):
     assert not [p for p in (tmp_path / "diagnose").iterdir() if p.name.startswith(".tmp")]
 
 
+def _fake_diagnosis(names: list[str], recommended: list[str]):
+    from types import SimpleNamespace
+
+    rows = [
+        SimpleNamespace(name=name, depth=depth, mean_gap_before=1.0, mean_gap_after=0.1,
+                        std_gap_before=0.5, std_gap_after=0.1, a_distance_before=1.5,
+                        a_distance_after=1.0)  # fmt: skip
+        for depth, name in enumerate(names)
+    ]
+    return SimpleNamespace(layers=rows, recommendation=recommended, settings={"network": "net"})
+
+
+def test_gap_by_layer_names_every_layer_of_a_small_network_on_its_x_axis(lenet_diagnosis):
+    from dam_lightning.diagnosis.figures import plot_gap_by_layer
+
+    diagnosis, _ = lenet_diagnosis
+    axes = plot_gap_by_layer(diagnosis).axes[-1]
+    ticks = [label.get_text() for label in axes.get_xticklabels()]
+    assert ticks == [row.name for row in diagnosis.layers]
+    assert list(axes.get_xticks()) == [row.depth for row in diagnosis.layers]
+
+
+def test_gap_by_layer_names_one_layer_in_k_of_erfnet_and_always_the_recommended():
+    from dam_lightning.diagnosis.figures import NAMED_TICKS, plot_gap_by_layer
+
+    names = foldable_layers(ERFNet(19, width=0.25))
+    assert len(names) == 113
+    recommended = [names[31], names[77]]  # not on the one-in-3 grid
+    axes = plot_gap_by_layer(_fake_diagnosis(names, recommended)).axes[-1]
+    ticks = [label.get_text() for label in axes.get_xticklabels()]
+    assert len(ticks) <= NAMED_TICKS + len(recommended) and ticks[0] == names[0]
+    assert set(recommended) <= set(ticks) and set(ticks) <= set(names)
+    assert ticks == [name for name in names if name in ticks]  # in network order
+    assert all(label.get_rotation() == 90 for label in axes.get_xticklabels())  # upright
+    assert "one in 3 named" in axes.get_xlabel()
+
+
 def test_report_prints_the_table_and_a_pasteable_yaml_snippet(lenet_diagnosis):
     import yaml
 

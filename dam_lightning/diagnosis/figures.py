@@ -1,4 +1,4 @@
-"""The two pictures of a diagnosis: gaps and A-distance against depth (``gap_by_layer.png``) and
+"""The two pictures of a diagnosis: gaps and A-distance by layer (``gap_by_layer.png``) and
 the paper's Fig. 3, overlaid histograms of the channels with the largest gap (``histograms.png``).
 
 matplotlib's object API only (no pyplot): no global figure state, no display backend needed.
@@ -6,16 +6,19 @@ matplotlib's object API only (no pyplot): no global figure state, no display bac
 
 from __future__ import annotations
 
+import math
+
 import torch
 from matplotlib.figure import Figure
 
 COLOURS = {"source": "tab:blue", "target": "tab:red", "target, Gaussian-matched": "tab:green"}
-NAMED_TICKS = 24  # up to this many layers the x axis shows names, beyond it depth numbers
+NAMED_TICKS = 40  # up to this many layers the x axis names each, beyond it one in k
 
 
 def plot_gap_by_layer(diagnosis) -> Figure:
     """Mean gap, std gap and A-distance against depth, before (solid) and after (dashed)
-    Gaussian matching; recommended layers marked on the A-distance panel."""
+    Gaussian matching; recommended layers marked on the A-distance panel; layers named on the
+    x axis (``_name_layers``)."""
     rows = diagnosis.layers
     depth = [row.depth for row in rows]
     figure = Figure(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), 6.5), layout="constrained")
@@ -44,12 +47,27 @@ def plot_gap_by_layer(diagnosis) -> Figure:
     distance_axes.set_ylim(min(-0.1, *(row.a_distance_after for row in rows)) - 0.05, 2.05)
     distance_axes.set_ylabel("proxy A-distance")
     distance_axes.legend(fontsize="small")
-    if len(rows) <= NAMED_TICKS:
-        distance_axes.set_xticks(depth, [row.name for row in rows], rotation=60, ha="right",
-                                 fontsize="small")  # fmt: skip
-    else:
-        distance_axes.set_xlabel("depth (layer names: diagnose.md)")
+    _name_layers(distance_axes, rows, {row.name for row in recommended})
     return figure
+
+
+def _name_layers(axes, rows, always: set[str]) -> None:
+    """Layer names on the x axis at their depths: all of them up to ``NAMED_TICKS`` layers,
+    beyond that one in k (and the layers in ``always``) so that ERFNet's 113 stay legible,
+    upright when many; the axis label says which are shown."""
+    step = max(1, math.ceil(len(rows) / NAMED_TICKS))
+    kept = {index for index, row in enumerate(rows) if row.name in always}
+    near_kept = {index + shift for index in kept for shift in range(1 - step, step)}
+    kept |= {index for index in range(0, len(rows), step) if index not in near_kept}
+    named = [rows[index] for index in sorted(kept)]
+    upright = len(named) > 12
+    axes.set_xticks([row.depth for row in named], [row.name for row in named],
+                    rotation=90 if upright else 45, ha="center" if upright else "right",
+                    fontsize="x-small" if upright else "small")  # fmt: skip
+    if step == 1:
+        axes.set_xlabel("layer")
+    else:
+        axes.set_xlabel(f"layer (one in {step} named, and the recommended; all: diagnose.md)")
 
 
 def plot_histograms(diagnosis) -> Figure:
