@@ -19,12 +19,17 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from dam_lightning.callbacks.predictions import default_palette
-from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, rgb_image
+from dam_lightning.callbacks.progress import logged_step
+from dam_lightning.callbacks.stage_overlays import (
+    colour_mask,
+    overlay,
+    render_figure,
+    rgb_image,
+)
 from dam_lightning.data.attributes import dataset_info, unwrap
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import SegmentationTransform, resize_mask
@@ -130,18 +135,6 @@ def confusion_figure(confmat: Tensor, class_names: Sequence[str], title: str = "
                           fontsize=6 if count > 10 else 8, color=colour)  # fmt: skip
     figure.colorbar(image, ax=axes, label="share of the label's row", shrink=0.8)
     return figure
-
-
-def render_figure(figure: Figure) -> np.ndarray:
-    """A matplotlib figure drawn off-screen (Agg) as an (H, W, 3) uint8 RGB array.
-
-    Example:
-        >>> render_figure(Figure(figsize=(1, 1), dpi=10)).shape
-        (10, 10, 3)
-    """
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 @dataclass
@@ -283,14 +276,6 @@ class ValidationDashboard(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.validations = int(state_dict["validations"])
-
-
-def logged_step(trainer: L.Trainer) -> int:
-    """The step Lightning logs this validation's metrics at: the number of batches trained
-    (``global_step`` counts optimiser steps, two per batch in GAM's manual optimisation), so
-    the pictures sit at the same ``trainer/global_step`` as the metrics they explain."""
-    epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
-    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def publish(logger: Logger, dashboard: Dashboard, step: int) -> None:

@@ -17,8 +17,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from dam_lightning.callbacks.dashboard import logged_step
-from dam_lightning.callbacks.progress import Phase, announce
+from dam_lightning.callbacks.progress import Phase, announce, logged_step
 from dam_lightning.errors import ConfigError, WrongTypeError
 from dam_lightning.matching import (
     ChannelStats,

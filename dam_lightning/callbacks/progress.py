@@ -1,4 +1,5 @@
-"""Progress on screen for the whole run and for the long phases outside Lightning's loops.
+"""Progress on screen for the whole run and for the long phases outside Lightning's loops, and
+the step that callbacks log at.
 
 Lightning's training bar counts one epoch; ``RunProgressBar`` counts the run's budget. Gaussian
 matching and the summary's scoring run inside one training batch, where Lightning shows nothing:
@@ -20,7 +21,15 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["Budget", "Phase", "RunProgress", "RunProgressBar", "announce", "run_budget"]
+__all__ = [
+    "Budget",
+    "Phase",
+    "RunProgress",
+    "RunProgressBar",
+    "announce",
+    "logged_step",
+    "run_budget",
+]
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +227,12 @@ def announce(message: str) -> None:
     training bar."""
     with Tqdm.external_write_mode():
         rank_zero_info(message)
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs metrics at now: the number of batches trained (``global_step``
+    counts optimiser steps, two per batch in GAM's manual optimisation), so that what a
+    callback logs (pictures, tables) sits at the same ``trainer/global_step`` as the metrics
+    it explains."""
+    epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))

@@ -2,29 +2,37 @@
 
 At the milestones of ``AdaptationSummary`` (source only, after the first Gaussian matching, at
 the end) it predicts the first few target validation images and writes one PNG per stage, and
-at the end one PNG with every stage side by side. It only evaluates; it never changes a network.
+at the end one PNG with every stage side by side, each with its rows named and a legend of the
+class colours; a W&B run gets the same pictures. It only evaluates; it never changes a network.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 from torch import Tensor
 
-from dam_lightning.callbacks.summary import milestones_due
 from dam_lightning.callbacks.predictions import default_palette, save_png_atomically
-from dam_lightning.data.labels import colour_table
+from dam_lightning.callbacks.progress import logged_step
+from dam_lightning.callbacks.summary import milestones_due
+from dam_lightning.data.attributes import dataset_info
+from dam_lightning.data.labels import IGNORE_COLOUR, colour_table
 from dam_lightning.errors import ConfigError
 from dam_lightning.matching import eval_mode
 from dam_lightning.runs import run_directory
 
-__all__ = ["StageOverlays", "colour_mask", "overlay"]
+__all__ = ["StageOverlays", "colour_mask", "overlay", "render_figure", "stage_figure"]
 
 
 def colour_mask(labels: Tensor, palette) -> np.ndarray:
@@ -52,7 +60,9 @@ def overlay(image: Tensor, labels: Tensor, palette, alpha: float = 0.6) -> np.nd
 class StageOverlays(L.Callback):
     """Write ``overlays/<n>_<stage>.png`` (rows: target image, prediction overlaid, prediction,
     ground truth; one column per image) at each milestone, and ``overlays/stages.png`` at the
-    end (rows: image, ground truth, then the prediction of every stage).
+    end (rows: image, ground truth, then the prediction of every stage). Each picture names its
+    rows and has a legend of the class colours (names and palette: the target set's
+    ``DatasetInfo``); with a ``WandbLogger`` each is also logged as ``overlays/<file name>``.
 
     Args:
         num_images: how many target validation images (the first ones) to show.
@@ -103,47 +113,54 @@ class StageOverlays(L.Callback):
         self.stages[stage] = logits.argmax(dim=1).cpu()
         self._write_stage(trainer, stage)
 
-    def _palette(self, trainer):
-        dataset = trainer.datamodule.target_val
-        palette = getattr(dataset, "palette", None)
-        return palette or default_palette(trainer.lightning_module.num_classes)
+    def _classes(self, trainer) -> tuple[Sequence[str], Sequence[Sequence[int]]]:
+        """Class names and colours from the target set's ``DatasetInfo`` (data/labels.py);
+        the task's names and the default palette where it has none."""
+        info = dataset_info(trainer.datamodule.target_val, None)
+        names = (info.classes if info else None) or trainer.lightning_module.task.class_names
+        palette = (info.palette if info else None) or default_palette(len(names))
+        return names, palette
 
     @rank_zero_only
     def _write_stage(self, trainer, stage: str) -> None:
         images, labels = self._target_images(trainer)
-        palette, predicted = self._palette(trainer), self.stages[stage]
-        rows = [
-            [rgb_image(x) for x in images],
-            [overlay(x, p, palette) for x, p in zip(images, predicted, strict=True)],
-            [colour_mask(p, palette) for p in predicted],
-            [colour_mask(y, palette) for y in labels],
-        ]
-        name = f"{len(self.stages)}_{re.sub(r'[^a-z0-9]+', '_', stage.lower()).strip('_')}.png"
-        self._save(trainer, rows, name)
+        palette, predicted = self._classes(trainer)[1], self.stages[stage]
+        rows = {
+            "target image": [rgb_image(x) for x in images],
+            "prediction overlaid": [
+                overlay(x, p, palette) for x, p in zip(images, predicted, strict=True)
+            ],
+            "prediction": [colour_mask(p, palette) for p in predicted],
+            "ground truth": [colour_mask(y, palette) for y in labels],
+        }
+        name = f"{len(self.stages)}_{re.sub(r'[^a-z0-9]+', '_', stage.lower()).strip('_')}"
+        self._save(trainer, rows, name, f"Target predictions {stage}")
 
     @rank_zero_only
     def _write_all(self, trainer) -> None:
         images, labels = self._target_images(trainer)
-        palette = self._palette(trainer)
-        rows = [[rgb_image(x) for x in images], [colour_mask(y, palette) for y in labels]]
-        rows += [[colour_mask(p, palette) for p in pred] for pred in self.stages.values()]
-        self._save(trainer, rows, "stages.png")
+        palette = self._classes(trainer)[1]
+        rows = {
+            "target image": [rgb_image(x) for x in images],
+            "ground truth": [colour_mask(y, palette) for y in labels],
+        }
+        for stage, predicted in self.stages.items():
+            rows[stage] = [colour_mask(p, palette) for p in predicted]
+        self._save(trainer, rows, "stages", "Target predictions after each stage")
 
-    def _save(self, trainer, rows: list[list[np.ndarray]], name: str) -> None:
-        gap = 2
-        tiles = [
-            [np.kron(t, np.ones((self.scale, self.scale, 1), np.uint8)) for t in r] for r in rows
-        ]
-        h, w = tiles[0][0].shape[:2]
-        grid = np.full(
-            (len(tiles) * (h + gap) - gap, len(tiles[0]) * (w + gap) - gap, 3), 255, np.uint8
-        )
-        for i, row in enumerate(tiles):
-            for j, tile in enumerate(row):
-                grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tile
+    def _save(self, trainer, rows: dict[str, list[np.ndarray]], name: str, title: str) -> None:
+        """Write ``overlays/<name>.png`` and log it to W&B as ``overlays/<name>``."""
+        names, palette = self._classes(trainer)
+        picture = render_figure(stage_figure(rows, names, palette, self.scale, title))
         folder = os.path.join(run_directory(trainer), "overlays")
         os.makedirs(folder, exist_ok=True)
-        save_png_atomically(Image.fromarray(grid), os.path.join(folder, name))
+        save_png_atomically(Image.fromarray(picture), os.path.join(folder, f"{name}.png"))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                image = wandb.Image(picture, caption=title)
+                logger.log_metrics({f"overlays/{name}": image}, step=logged_step(trainer))
 
     def state_dict(self) -> dict:
         return {"stages": self.stages}
@@ -160,3 +177,87 @@ def rgb_image(image: Tensor) -> np.ndarray:
         [[[128, 255, 0]]]
     """
     return np.rint(image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
+
+
+def tile_grid(rows: list[list[np.ndarray]], scale: int, gap: int = 2) -> np.ndarray:
+    """Rows of equally sized (H, W, 3) uint8 tiles as one grid with white gaps, each tile
+    magnified ``scale`` times (nearest neighbour).
+
+    Example:
+        >>> tile_grid([[np.zeros((1, 1, 3), np.uint8)] * 2], scale=2, gap=1).shape
+        (2, 5, 3)
+    """
+    tiles = [[np.kron(t, np.ones((scale, scale, 1), np.uint8)) for t in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    shape = (len(tiles) * (h + gap) - gap, len(tiles[0]) * (w + gap) - gap, 3)
+    grid = np.full(shape, 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tile
+    return grid
+
+
+def stage_figure(
+    rows: dict[str, list[np.ndarray]],
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    scale: int = 3,
+    title: str = "",
+) -> Figure:
+    """The tiles of each row side by side, each row named on the left, and a legend below that
+    names each class's colour (and the colour of ignored pixels); about one screen pixel per
+    magnified pixel.
+
+    Example:
+        >>> tile = np.zeros((4, 4, 3), np.uint8)
+        >>> figure = stage_figure({"image": [tile], "truth": [tile]}, ["road", "sky"],
+        ...                       [(128, 64, 128), (70, 130, 180)])
+        >>> [t.get_text() for t in figure.axes[0].get_yticklabels()]
+        ['image', 'truth']
+        >>> [t.get_text() for t in figure.legends[0].get_texts()]
+        ['road', 'sky', 'ignored']
+    """
+    gap = 2
+    grid = tile_grid(list(rows.values()), scale, gap)
+    tile_height = next(iter(rows.values()))[0].shape[0] * scale
+    columns = min(len(class_names) + 1, 6)
+    # Laid out in pixels, so that the picture is drawn at one screen pixel per pixel (a
+    # layout engine would scale it): row names on the left, title above, legend below.
+    left = 16 + 8 * max(len(name) for name in rows)
+    top = 30 if title else 8
+    bottom = 16 + 22 * -(-(len(class_names) + 1) // columns)
+    width = max(left + grid.shape[1] + 8, 20 + 80 * columns)  # the legend's row fits too
+    height = top + grid.shape[0] + bottom
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+    axes = figure.add_axes(
+        (left / width, bottom / height, grid.shape[1] / width, grid.shape[0] / height)
+    )
+    axes.imshow(grid, interpolation="nearest")
+    centres = [i * (tile_height + gap) + tile_height / 2 for i in range(len(rows))]
+    axes.set_yticks(centres, list(rows))
+    axes.set_xticks([])
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    if title:
+        axes.set_title(title, fontsize="medium")
+    swatches = [(name, colour) for name, colour in zip(class_names, palette, strict=False)]
+    handles = [
+        Patch(facecolor=np.asarray(colour) / 255, edgecolor="0.6", label=name)
+        for name, colour in [*swatches, ("ignored", IGNORE_COLOUR)]
+    ]
+    figure.legend(handles=handles, loc="lower center", ncols=columns, fontsize="small",
+                  frameon=False, borderaxespad=0.2)  # fmt: skip
+    return figure
+
+
+def render_figure(figure: Figure) -> np.ndarray:
+    """A matplotlib figure drawn off-screen (Agg) as an (H, W, 3) uint8 RGB array.
+
+    Example:
+        >>> render_figure(Figure(figsize=(1, 1), dpi=10)).shape
+        (10, 10, 3)
+    """
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
