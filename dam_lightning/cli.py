@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -37,6 +38,13 @@ from lightning.pytorch.utilities import rank_zero_info
 import dam_lightning
 import dam_lightning.data
 import dam_lightning.models
+from dam_lightning.__main__ import (
+    DESCRIPTION,
+    PROG,
+    SUBCOMMANDS,
+    top_level_help,
+    wants_top_level_help,
+)
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
 from dam_lightning.cli_errors import point_at_fix, short_parse_error, user_message
@@ -176,9 +184,13 @@ def _config_files(argv: list[str]) -> tuple[str, ...]:
 
 
 def _parser_kwargs() -> dict:
+    """The parser's name, what the tool is and, per command, what the command does (whole
+    sentences: Lightning's default is the first line of the trainer method's docstring)."""
+    kwargs: dict = {"description": DESCRIPTION}
+    kwargs.update({name: {"description": text} for name, text in SUBCOMMANDS.items()})
     if os.path.basename(sys.argv[0]) == "__main__.py":  # python -m dam_lightning
-        return {"prog": "python -m dam_lightning"}
-    return {}
+        kwargs["prog"] = PROG
+    return kwargs
 
 
 @dataclass
@@ -216,6 +228,21 @@ class DamCLI(LightningCLI):
         """Lightning's four commands, ``diagnose`` and ``preflight`` (``DamTrainer``'s)."""
         ours = {"diagnose": {"model", "datamodule"}, "preflight": {"model", "datamodule"}}
         return {**LightningCLI.subcommands(), **ours}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        """Lightning's subcommands, each command's own options titled ``options of <command>``,
+        not with the first line of the trainer method's docstring (which stops mid-sentence:
+        "Measure, for every candidate layer ..., the Gaussian gap and how"); the command's
+        description is the whole sentence of ``SUBCOMMANDS``."""
+        # Private hook and attributes: LightningCLI and argparse have no public way to retitle
+        # the group of a command's options. # checked on lightning 2.6.6
+        super()._add_subcommands(parser, **kwargs)
+        for name, subparser in getattr(self, "_subcommand_parsers", {}).items():
+            docstring = inspect.getdoc(getattr(self.trainer_class, name, None)) or ""
+            for group in getattr(subparser, "_action_groups", []):
+                title = group.title or ""
+                if name in SUBCOMMANDS and title and docstring.startswith(title.rstrip(":")):
+                    group.title = f"options of {name}"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # What the data is decides the task: a config names a dataset and a network only.
@@ -383,6 +410,20 @@ class DamCLI(LightningCLI):
         if arguments.get("return_predictions") is None:
             arguments["return_predictions"] = False
 
+    def before_validate(self) -> None:
+        self._take_over_printing()
+
+    def before_test(self) -> None:
+        self._take_over_printing()
+
+    def _take_over_printing(self) -> None:
+        """Lightning's table of results prints scores as fractions (``val/target/miou
+        0.8086``) where the summaries print percentages: the CLI prints its own table
+        (``_print_metrics``), in percentages, unless ``--verbose false``."""
+        arguments = self.config_init[self.subcommand]  # what LightningCLI passes to the command
+        self._print_scores = arguments.get("verbose", True) is not False
+        arguments["verbose"] = False
+
     def after_validate(self) -> None:
         self._write_metrics()
 
@@ -390,11 +431,45 @@ class DamCLI(LightningCLI):
         self._write_metrics()
 
     def _write_metrics(self) -> None:
+        """``metrics.json``: every metric as logged (scores as fractions, as ``summary.json``
+        holds them); on screen the same, scores in percentages."""
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
         path = os.path.join(run_directory(self.trainer), "metrics.json")
         atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+        if getattr(self, "_print_scores", True):
+            print(metrics_table(metrics, self.subcommand), flush=True)
+
+
+def is_score(key: str) -> bool:
+    """Whether a logged metric is a score in [0, 1] (an accuracy or an IoU), which the CLI
+    prints as a percentage; a loss or a count is printed as it is.
+
+    Example:
+        >>> [is_score(k) for k in ("val/target/miou", "val/target/iou/road", "val/source/loss")]
+        [True, True, False]
+    """
+    name = key.rsplit("/", 1)[-1]
+    return "/iou/" in key or re.search(r"(acc|iou)", name) is not None
+
+
+def metrics_table(metrics: dict[str, float], command: str) -> str:
+    """The results of ``validate``/``test`` as the CLI prints them: one metric per line,
+    scores in percentages with two decimals (as the summaries print them), others as they are.
+
+    Example:
+        >>> print(metrics_table({"val/target/acc": 0.80862, "val/target/loss": 0.5}, "validate"))
+        validate results (scores in %; metrics.json holds them as fractions):
+          val/target/acc   80.86
+          val/target/loss  0.5000
+    """
+    width = max((len(k) for k in metrics), default=0)
+    lines = [f"{command} results (scores in %; metrics.json holds them as fractions):"]
+    for key, value in metrics.items():
+        shown = f"{100 * value:.2f}" if is_score(key) else f"{value:.4f}"
+        lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)
 
 
 def _data_keys(config) -> dict[str, list[str]]:
@@ -457,6 +532,9 @@ def main(args=None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if wants_top_level_help(argv):
+        print(top_level_help())
+        raise SystemExit(0)
     _quiet_console()
     _DamArgumentParser.debug = debug
     _DamArgumentParser.config_files = _config_files(argv)

@@ -114,7 +114,10 @@ def test_demo_pipeline_runs_and_writes_its_summary(tmp_path, capsys):
     training_only = ("--trainer.max_epochs", "--trainer.limit")
     validate = [a for a in validate if not a.startswith(training_only)]
     main(validate)
-    assert "val/target/acc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validate results (scores in %; metrics.json holds them as fractions):" in out
+    (acc,) = [line.split() for line in out.splitlines() if line.startswith("  val/target/acc ")]
+    assert 1.0 < float(acc[1]) <= 100.0  # a percentage, as the summary prints it
 
 
 @pytest.mark.slow
