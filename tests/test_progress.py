@@ -142,3 +142,28 @@ def test_no_phase_bar_when_the_trainer_shows_no_bar(tmp_path, capsys, caplog):
     captured = capsys.readouterr()
     assert "Scoring source only" not in captured.out + captured.err
     assert "Scoring source only: 3 batches in " in caplog.text  # the log still has it
+
+
+@pytest.mark.slow
+def test_the_segmentation_demo_shows_the_run_and_its_phases_and_logs_their_durations(
+    tmp_path, monkeypatch, capsys
+):
+    from dam_lightning.cli import main
+
+    from .test_seg_demo import CONFIG, TINY
+
+    monkeypatch.chdir(tmp_path)
+    with_bars = [arg for arg in TINY if arg != "--trainer.enable_progress_bar=false"]
+    main(["fit", "--config", str(CONFIG), *with_bars])
+    out = capsys.readouterr().out
+    assert "Adaptation, epoch" in out and "/4 steps" in out  # --trainer.max_steps=4
+    for bar in ("Source statistics", "Gaussian matching", "Scoring source only",
+                "Scoring after Gaussian matching", "Scoring after GAM"):  # fmt: skip
+        assert bar in out, bar
+    [log] = list((tmp_path / "runs" / "seg_demo").rglob("log.txt"))
+    text = log.read_text()
+    durations = ("Gaussian matching: 113 layers in ",  # every foldable layer of ERFNet
+                 "Source statistics: 4 batches in ",  # 16 scenes in batches of 4
+                 "Scoring source only: 1 batches in ", "Scoring after GAM: 1 batches in ")
+    for line in durations:
+        assert line in text, line
