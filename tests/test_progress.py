@@ -5,12 +5,14 @@ trainer shows bars) and log their duration."""
 from __future__ import annotations
 
 import logging
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dam_lightning.callbacks import AdaptationSummary, GaussianMatching, RunProgress, RunProgressBar
@@ -69,6 +71,33 @@ def test_run_progress_leaves_a_run_without_bars_alone():
     RunProgress().setup(trainer, None, "fit")
     assert type(trainer.progress_bar_callback) is RunProgressBar  # a stock bar is replaced,
     assert trainer.progress_bar_callback.refresh_rate == 5  # with its settings
+
+
+class SaysSomething(RunProgress):
+    """RunProgress that logs a line, as a stage's end does, in the middle of training."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == 5:
+            rank_zero_info("a message in the middle of training")
+
+
+def test_a_message_during_training_gets_a_line_of_its_own(tmp_path, capsys, caplog):
+    logger = logging.getLogger("lightning.pytorch")
+    console = logging.StreamHandler(sys.stdout)  # the bars' stream: the order can be read
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    logger.addHandler(console)
+    try:
+        trainer = quiet_trainer(enable_progress_bar=True, limit_train_batches=4, max_steps=10,
+                                default_root_dir=tmp_path, callbacks=[SaysSomething()])  # fmt: skip
+        trainer.fit(BoringModel())
+    finally:
+        logger.removeHandler(console)
+    before, message, _ = capsys.readouterr().out.partition("a message in the middle of training")
+    assert message and before.endswith("\r")  # the bar's line cleared first, not glued onto
+    assert "5/10 steps" in before.rsplit("\n", 1)[-1]  # the bar it cleared
+    assert console not in logger.handlers and not any(  # unwrapped after training
+        type(handler).__name__ == "_AboveBars" for handler in logger.handlers
+    )
 
 
 @pytest.mark.parametrize("mode", ["one_pass", "layerwise"])

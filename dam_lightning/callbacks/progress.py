@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = [
     "Budget",
+    "ConsoleAboveBars",
     "Phase",
     "RunProgress",
     "RunProgressBar",
@@ -72,18 +73,33 @@ class RunProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar counting the whole run instead of one epoch: a 1,800-step run shows
     ``Adaptation, epoch 7: 67%| 1210/1800 steps``, not ``Epoch 7: 45/187`` that starts again
     every epoch. The stage (source training or adaptation) is named for a GAM module. Without
-    a budget (no ``max_steps``, no ``max_epochs``) it is Lightning's bar.
+    a budget (no ``max_steps``, no ``max_epochs``) it is Lightning's bar. While it trains, what
+    Lightning's loggers print (a stage's end, Gaussian matching) goes on a line of its own above
+    the bar instead of being glued onto it (``ConsoleAboveBars``).
 
     Example:
         >>> RunProgressBar(refresh_rate=10).refresh_rate
         10
     """
 
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+        super().__init__(refresh_rate, process_position, leave)
+        self._console = ConsoleAboveBars()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.is_enabled:
+            self._console.install()
         budget = run_budget(trainer, 0)
         if budget is not None:  # a resumed run's rate counts only the batches it ran
             self.train_progress_bar.initial = budget.done
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._console.restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._console.restore()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         budget = run_budget(trainer, 0)
@@ -124,6 +140,59 @@ class RunProgressBar(TQDMProgressBar):
             smoothing=0,
             bar_format=BAR_FORMAT.replace("]", "{postfix}]"),
         )
+
+
+class ConsoleAboveBars:
+    """While installed, the console handlers of Lightning's loggers (where ``rank_zero_info``
+    prints) write with the TQDM bars cleared first and drawn again after, so a message gets a
+    line of its own instead of being glued onto the training bar. Their filters, levels and
+    formats are kept: each handler is wrapped, not replaced.
+
+    Example:
+        >>> demo = logging.getLogger("demo")
+        >>> demo.addHandler(logging.StreamHandler(sys.stderr))
+        >>> console = ConsoleAboveBars(("demo",))
+        >>> console.install(); type(demo.handlers[0]).__name__
+        '_AboveBars'
+        >>> console.restore(); type(demo.handlers[0]).__name__
+        'StreamHandler'
+    """
+
+    def __init__(self, loggers: tuple[str, ...] = ("lightning.pytorch", "lightning.fabric")):
+        self.loggers = loggers
+
+    def install(self) -> None:
+        for name in self.loggers:
+            logger = logging.getLogger(name)
+            logger.handlers = [_AboveBars(h) if _is_console(h) else h for h in logger.handlers]
+
+    def restore(self) -> None:
+        """Unwrap the handlers (others added or removed meanwhile, as the run's log file, stay
+        as they are)."""
+        for name in self.loggers:
+            logger = logging.getLogger(name)
+            handlers = logger.handlers
+            logger.handlers = [h.handler if isinstance(h, _AboveBars) else h for h in handlers]
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return type(handler) is logging.StreamHandler and stream in (sys.stdout, sys.stderr)
+
+
+class _AboveBars(logging.Handler):
+    """``handler``, with every TQDM bar cleared while it writes a record."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__(handler.level)
+        self.handler = handler
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        with Tqdm.external_write_mode(file=self.handler.stream):
+            return self.handler.handle(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handler.emit(record)
 
 
 def _stage(pl_module) -> str:
