@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import traceback
@@ -34,6 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import dam_lightning
 import dam_lightning.data
@@ -56,7 +58,9 @@ from dam_lightning.preflight import synthetic_data_config
 from dam_lightning.runs import (
     LOG_FILE,
     RUN_FOLDER_ENV,
+    UNFINISHED_FILE,
     RunFolder,
+    StopCleanly,
     atomic_write_text,
     checkpoint_network,
     claim_run_folder,
@@ -201,6 +205,8 @@ class RunReport:
     created_folder: bool = False  # this process made the folder (rank 0)
     new_parents: list[str] = field(default_factory=list)  # the folders made to hold it
     data_keys: dict[str, list[str]] = field(default_factory=dict)  # "GTA5": ["source"]
+    resumed: bool = False  # fit --ckpt_path <run>/checkpoints/x.ckpt continues in <run>
+    argv: list[str] = field(default_factory=list)  # the command line, for the resume command
     trainer: L.Trainer | None = None
 
 
@@ -315,8 +321,11 @@ class DamCLI(LightningCLI):
         elif launch_rank() > 0:  # torchrun/SLURM: rank 0 broadcasts its folder at setup
             folder = os.path.join(parent, name)
         else:
-            self.report.new_parents = _missing_folders(parent)
-            folder = claim_run_folder(parent, name)
+            folder = self._resumed_run_folder(config)
+            self.report.resumed = folder is not None
+            if folder is None:
+                self.report.new_parents = _missing_folders(parent)
+                folder = claim_run_folder(parent, name)
             self.report.created_folder = True
             os.environ[RUN_FOLDER_ENV] = folder  # for the processes Lightning starts itself
         self.report.folder = folder
@@ -325,6 +334,23 @@ class DamCLI(LightningCLI):
             _point_logger_at(logger, folder)
         if config.trainer.get("logger") in (None, True):  # Lightning's default logger
             config.trainer.default_root_dir = folder
+
+    def _resumed_run_folder(self, config) -> str | None:
+        """The run folder a resumed ``fit`` continues in: that of its ``--ckpt_path`` when the
+        checkpoint is in the ``checkpoints/`` of a run that has not finished (its
+        ``unfinished.txt``): one folder for one run, and Lightning finds its checkpoints where
+        it left them. None for a new run, also when the checkpoint is of a finished run (a
+        branch from its epoch 0 must not overwrite it)."""
+        ckpt = config.get("ckpt_path")
+        if self.subcommand != "fit" or not ckpt or not os.path.isfile(str(ckpt)):
+            return None
+        checkpoints = os.path.dirname(os.path.abspath(str(ckpt)))
+        folder = os.path.dirname(checkpoints)
+        if os.path.basename(checkpoints) != "checkpoints":
+            return None
+        if not os.path.isfile(os.path.join(folder, UNFINISHED_FILE)):
+            return None
+        return os.path.relpath(folder) if not os.path.isabs(str(ckpt)) else folder
 
     def _run_folder_place(self, config) -> tuple[str, str]:
         """(parent folder, folder name) of this command's run folder."""
@@ -355,6 +381,8 @@ class DamCLI(LightningCLI):
             checkpoints = ckpt and os.path.dirname(ckpt)
             run_folder = RunFolder(self.report.folder, checkpoints=checkpoints, network=network)
         trainer.callbacks.insert(0, run_folder)
+        if self.subcommand == "fit":
+            trainer.callbacks.insert(1, StopCleanly())
         for callback in trainer.callbacks:
             if isinstance(callback, RunConfigSaver):
                 callback.config = self._config_as_given
@@ -398,6 +426,13 @@ class DamCLI(LightningCLI):
         )
 
     # ---- commands -------------------------------------------------------------------------------
+
+    def before_fit(self) -> None:
+        """``unfinished.txt`` in the run folder until the run ends well: a folder whose run was
+        stopped or killed never looks complete, and says how to resume."""
+        if self.trainer.is_global_zero:
+            _mark_unfinished(self.report, f"Running since {timestamp()}; if no process runs it "
+                             "any more, it was stopped before it finished.")
 
     def before_predict(self) -> None:
         """Every prediction goes to a writer, and none is kept: Lightning's
@@ -538,7 +573,7 @@ def main(args=None) -> None:
     _quiet_console()
     _DamArgumentParser.debug = debug
     _DamArgumentParser.config_files = _config_files(argv)
-    report = RunReport()
+    report = RunReport(argv=argv)
     inherited_env = os.environ.get(RUN_FOLDER_ENV)
     try:
         DamCLI(
@@ -553,9 +588,17 @@ def main(args=None) -> None:
             report=report,
         )
     except BaseException as err:
+        stop = _stop_callback(report)
+        if stop is not None and stop.reason:
+            _close_run(report, failed=err)
+            _report_stop(report, stop)
+            raise SystemExit(130 if stop.reason.startswith("Ctrl-C") else 143) from None
         error = None if debug else user_message(err)
         error = error and point_at_fix(error, report.data_keys)
         log = _close_run(report, failed=err)
+        if log and os.path.isfile(os.path.join(report.folder, UNFINISHED_FILE)):
+            status = f"Failed: {error or type(err).__name__} (the traceback is in {LOG_FILE})"
+            _mark_unfinished(report, status, _newest_checkpoint(report.folder))
         if error is None:
             raise
         if log:
@@ -569,6 +612,8 @@ def main(args=None) -> None:
     else:
         _close_run(report, failed=None)
         if report.created_folder:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(report.folder, UNFINISHED_FILE))
             print(_where_files_went(report), flush=True)
     finally:
         if inherited_env is None:
@@ -581,9 +626,9 @@ def _close_run(report: RunReport, failed: BaseException | None) -> str | None:
     Returns the log that holds the traceback, if any."""
     folder = report.folder
     if isinstance(failed, SystemExit) and failed.code in (0, None):
-        failed = None
+        failed = failed if isinstance(failed, SIGTERMException) else None
     ours = failed is not None and report.created_folder and folder and os.path.isdir(folder)
-    remove = ours and not _holds_results(folder)
+    remove = ours and not report.resumed and not _holds_results(folder)
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         # W&B's goodbye would point at an offline run about to be deleted: keep it quiet then
@@ -610,6 +655,68 @@ def _close_run(report: RunReport, failed: BaseException | None) -> str | None:
     with open(log, "a", encoding="utf-8") as f:
         f.write("".join(traceback.format_exception(failed)))
     return log
+
+
+def _stop_callback(report: RunReport) -> StopCleanly | None:
+    callbacks = report.trainer.callbacks if report.trainer is not None else []
+    return next((cb for cb in callbacks if isinstance(cb, StopCleanly)), None)
+
+
+def _report_stop(report: RunReport, stop: StopCleanly) -> None:
+    """After a fit stopped by Ctrl-C or SIGTERM: on screen and in ``unfinished.txt``, where it
+    stopped, what was saved and the command that resumes it."""
+    folder = report.folder
+    how = {"SIGTERM": "SIGTERM", "Ctrl-C": "Ctrl-C", "Ctrl-C twice": "a second Ctrl-C"}
+    lines = [f"\nStopped by {how.get(stop.reason, stop.reason)} at global step {stop.step}: "
+             "the run has not finished."]  # fmt: skip
+    checkpoint = stop.saved or _newest_checkpoint(folder)
+    if not folder or not os.path.isdir(folder):
+        lines.append("Nothing was saved (no checkpoint yet): run the same command again.")
+    elif checkpoint is None:
+        lines.append(f"Run folder: {folder} (no checkpoint yet: run the same command again)")
+    else:
+        saved = "saved where it stopped" if stop.saved else "the newest; nothing saved now"
+        resume = _resume_command(report.argv, checkpoint)
+        lines += [f"Run folder: {folder} (its {UNFINISHED_FILE} says it has not finished)",
+                  f"  checkpoint:  {checkpoint} ({saved})",
+                  f"Resume with: {resume}"]  # fmt: skip
+        if report.created_folder:
+            _mark_unfinished(report, " ".join(lines[0].split()), checkpoint)
+    text = "\n".join(lines)
+    if folder and os.path.isfile(os.path.join(folder, LOG_FILE)):
+        with open(os.path.join(folder, LOG_FILE), "a", encoding="utf-8") as log:
+            log.write(text.lstrip("\n") + "\n")  # the log ends with what to do, not a traceback
+    print(text, file=sys.stderr, flush=True)
+
+
+def _mark_unfinished(report: RunReport, status: str, checkpoint: str | None = None) -> None:
+    """Write ``unfinished.txt``: ``status`` and the command that resumes the run."""
+    folder = report.folder
+    checkpoint = checkpoint or os.path.join(folder, "checkpoints", "last.ckpt")
+    text = f"{status}\nResume with: {_resume_command(report.argv, checkpoint)}\n"
+    atomic_write_text(os.path.join(folder, UNFINISHED_FILE), text)
+
+
+def _resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that resumes this run from ``checkpoint``: the same arguments, any
+    ``--ckpt_path`` replaced."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return f"{PROG} {shlex.join([*kept, '--ckpt_path', checkpoint])}"
+
+
+def _newest_checkpoint(folder: str | None) -> str | None:
+    """The run's ``last.ckpt``, else its newest checkpoint; None if it has none."""
+    found = sorted(Path(folder or ".", "checkpoints").glob("*.ckpt"), key=os.path.getmtime)
+    if not folder or not found:
+        return None
+    return str(next((p for p in found if p.name == "last.ckpt"), found[-1]))
 
 
 def _missing_folders(path: str) -> list[str]:

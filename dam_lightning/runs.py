@@ -12,12 +12,16 @@ import datetime
 import io
 import logging
 import os
+import signal
 import tempfile
+import threading
 
 import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
@@ -25,6 +29,10 @@ RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
 inherit it and so know the folder without creating one of their own."""
 
 LOG_FILE = "log.txt"
+
+UNFINISHED_FILE = "unfinished.txt"
+"""In a run folder while ``fit`` has not finished (running, stopped or killed): what happened and
+the command that resumes it. Removed when the run, or the run resuming it, ends well."""
 
 
 def run_directory(trainer: L.Trainer) -> str:
@@ -167,6 +175,83 @@ class RunFolder(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A resumed run keeps its own new folder; where it came from is in its log."""
+
+
+class StopCleanly(L.Callback):
+    """Stop a ``fit`` at the end of a batch on Ctrl-C or SIGTERM (what SLURM and other schedulers
+    send before a kill) and save ``last.ckpt`` there, atomically, so the run resumes where it
+    stopped (``--ckpt_path <run>/checkpoints/last.ckpt``).
+
+    SIGTERM is Lightning's own: it stops every process at the end of the batch (rank 0 tells the
+    others) with ``SIGTERMException``. A first Ctrl-C asks for the same stop; a second one stops
+    at once, through Lightning's ``KeyboardInterrupt`` path, and saves nothing (mid-batch, the
+    networks and optimisers may be half-updated).
+
+    Attributes:
+        reason: ``"SIGTERM"``, ``"Ctrl-C"``, ``"Ctrl-C twice"`` or None (not stopped).
+        saved: the checkpoint written when it stopped, or None.
+        step: the global step at which it stopped.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.saved: str | None = None
+        self.step: int | None = None
+        self._trainer: L.Trainer | None = None
+        self._previous_handler = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum, frame) -> None:
+        if self.reason is not None:
+            self.reason = "Ctrl-C twice"
+            raise KeyboardInterrupt
+        self.reason = "Ctrl-C"
+        rank_zero_info(
+            "\nCtrl-C: stopping at the end of this batch and saving last.ckpt (Ctrl-C again "
+            "stops at once, without saving)"
+        )
+        # Lightning's flag for SIGTERM: the training loop stops at the end of the batch and
+        # broadcasts the stop to the other processes. It has no public setter.
+        # checked on lightning 2.6.6
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.received_sigterm = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.step = trainer.global_step
+        if isinstance(exception, KeyboardInterrupt):
+            self.reason = "Ctrl-C twice"
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.reason = self.reason or "SIGTERM"
+        self.saved = last_checkpoint_path(trainer)
+        partial = os.path.join(os.path.dirname(self.saved), ".last.ckpt.partial")
+        # every process takes part, rank 0 writes; optimisers and loops too, to resume
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(partial, self.saved)  # a kill while writing leaves the old last.ckpt
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> str:
+    """``last.ckpt`` in the folder of the run's ``ModelCheckpoint`` (the run folder's
+    ``checkpoints/`` under the CLI), where Lightning's ``save_last`` writes it too."""
+    folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    folder = folders[0] if folders else os.path.join(run_directory(trainer), "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    name = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+    return os.path.join(folder, name)
 
 
 def checkpoint_network(blob: dict, path: str) -> str | None:
