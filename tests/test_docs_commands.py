@@ -212,22 +212,14 @@ BENCHMARK_COMMANDS = [c for c in COMMANDS if c.program.startswith("benchmarks.")
 
 
 def _runnable_args(command: DocCommand) -> list[str]:
-    """The command's arguments without what ``...`` elides (a flag whose value is elided goes
-    too) and without shell variables (multi-node launch values)."""
-    args, skip = [], False
-    for i, arg in enumerate(command.args):
-        if skip:
-            skip = False
-            continue
+    """The command's arguments without what ``...`` elides (with the flag whose value it is) and
+    without shell variables (multi-node launch values)."""
+    args: list[str] = []
+    for arg in command.args:
         if "..." in arg or arg.startswith("$"):
             if args and args[-1].startswith("--") and "=" not in args[-1]:
                 args.pop()
             continue
-        if arg.startswith("--") and "=" not in arg and i + 1 < len(command.args):
-            following = command.args[i + 1]
-            if following == "..." or following.startswith("$"):
-                skip = True
-                continue
         args.append(arg)
     return args
 
