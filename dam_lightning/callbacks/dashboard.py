@@ -24,12 +24,7 @@ from torch import Tensor
 
 from dam_lightning.callbacks.predictions import default_palette
 from dam_lightning.callbacks.progress import logged_step
-from dam_lightning.callbacks.stage_overlays import (
-    colour_mask,
-    overlay,
-    render_figure,
-    rgb_image,
-)
+from dam_lightning.callbacks.stage_overlays import colour_mask, overlay, render_figure, rgb_image
 from dam_lightning.data.attributes import dataset_info, unwrap
 from dam_lightning.data.labels import IGNORE_INDEX
 from dam_lightning.data.transforms import SegmentationTransform, resize_mask
