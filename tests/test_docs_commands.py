@@ -29,7 +29,6 @@ import yaml
 from dam_lightning.cli import DamCLI, main
 
 from .conftest import REPO
-from .test_seg_demo import TINY as SEG_DEMO_TINY
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NOT_INSTRUCTIONS = {"docs/errors.md"}
@@ -48,14 +47,15 @@ TINY = {
         "--data.batch_size=32", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ],
-    "configs/seg_demo.yaml": SEG_DEMO_TINY,
 }  # fmt: skip
 TRAINING_ONLY = ("--trainer.max_epochs", "--trainer.limit_train_batches", "--trainer.max_steps",
                  "--model.init_args.source_steps")  # fmt: skip
 
-# Commands that need nothing but start several processes: run (at tiny sizes) by the test named.
-# Benchmarks are only parsed here: taking minutes is what they are for.
+# Commands that need nothing, run (at tiny sizes) by the test named: several processes, or the
+# very command with the same sizes. Benchmarks are only parsed: taking minutes is their point.
 RUN_ELSEWHERE = {
+    "fit --config configs/seg_demo.yaml": "tests/test_seg_demo.py::"
+    "test_the_segmentation_demo_runs_all_stages_and_writes_the_overlays",
     "fit --config configs/demo.yaml --trainer.devices 2": "tests/test_cli_ddp.py::"
     "test_two_cpu_processes_run_gam_to_the_end_and_a_resume_matches_the_uninterrupted_run",
 }
