@@ -1,12 +1,16 @@
 """The Trainer the CLI builds: Lightning's, plus ``diagnose``, the layer-by-layer look at the
-domain gap that a user runs before adapting (``python -m dam_lightning diagnose``).
+domain gap that a user runs before adapting (``python -m dam_lightning diagnose``), and
+``preflight``, the cost of a run measured before it starts (``python -m dam_lightning preflight``).
 
 A method of the Trainer because that is what a LightningCLI subcommand is: the config's data and
 network, the run folder and the loggers all come with it. The analysis itself is
-``dam_lightning.diagnosis``; this file only finds the source network and writes the results.
+``dam_lightning.diagnosis`` (and ``dam_lightning.preflight``); this file only finds the source
+network and writes the results.
 """
 
 from __future__ import annotations
+
+import os
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
@@ -14,17 +18,18 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dam_lightning.diagnosis import Diagnosis, diagnose_datamodule
 from dam_lightning.errors import ConfigError, WrongTypeError
+from dam_lightning.preflight import PreflightReport, run_preflight
 from dam_lightning.runs import run_directory
 from dam_lightning.weights import load_network_weights
 
 
 class DamTrainer(L.Trainer):
-    """``lightning.Trainer`` with one more command, ``diagnose``.
+    """``lightning.Trainer`` with two more commands, ``diagnose`` and ``preflight``.
 
     Example:
         >>> trainer = DamTrainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-        >>> callable(trainer.diagnose)
-        True
+        >>> callable(trainer.diagnose), callable(trainer.preflight)
+        (True, True)
     """
 
     def diagnose(
@@ -87,3 +92,39 @@ class DamTrainer(L.Trainer):
                 logger.experiment.log(
                     {f"diagnose/{name}": wandb.Image(fig) for name, fig in figures.items()}
                 )
+
+    def preflight(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        steps: int = 5,
+        synthetic: bool = False,
+    ) -> PreflightReport:
+        """Run a few steps of every stage of the config (source training if the module trains
+        F_s, Gaussian matching, GAM, validation) on this machine's first device and print, per
+        stage, seconds per step, peak device memory, loader against step throughput (which one
+        is the bottleneck) and the estimated wall time of the whole configured run; write the
+        same as ``preflight.json`` into the run folder. Nothing trained here is kept.
+
+        Args:
+            model: the config's module (``SourceModule`` or ``GAMAdaptModule``). A missing
+                ``source_weights`` file is replaced by random weights (the cost is the same).
+            datamodule: the config's data.
+            steps: timed steps per stage, after 2 untimed warm-up steps.
+            synthetic: measure on random stand-ins of the configured sizes instead of the
+                datasets read from files (``--synthetic true`` when the data is not there yet;
+                the loader is then not measured).
+        """
+        if steps < 1:
+            raise ConfigError(f"preflight --steps must be >= 1, got {steps}")
+        report = run_preflight(self, model, datamodule, steps, synthetic)
+        self._report_preflight(report)
+        return report
+
+    @rank_zero_only
+    def _report_preflight(self, report: PreflightReport) -> None:
+        folder = run_directory(self)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "preflight.json"), "w", encoding="utf-8") as f:
+            f.write(report.to_json() + "\n")
+        print(report.table(), flush=True)
