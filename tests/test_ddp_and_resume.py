@@ -19,26 +19,31 @@ from dam_lightning.modules import GAMAdaptModule
 from .conftest import REPO, quiet_trainer
 
 
-@pytest.mark.slow
-def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
+def _two_process_run(outdir, *args: str) -> tuple[dict, dict]:
+    outdir.mkdir()
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(tmp_path)],
-        cwd=tmp_path,
+        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(outdir), *args],
+        cwd=outdir,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    return torch.load(outdir / "rank0.pt"), torch.load(outdir / "rank1.pt")
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
+    rank0, rank1 = _two_process_run(tmp_path / "run")
     assert rank0.keys() == rank1.keys()
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert different == []
     # validation metrics are synced over both ranks and count every target image exactly once
     module = GAMAdaptModule(LeNet, num_classes=10)
-    module.load_state_dict({k: v for k, v in rank0.items() if k != "val/target/acc"})
+    ignored = ("val/target/acc", "gradient_bytes_per_gam_batch")
+    module.load_state_dict({k: v for k, v in rank0.items() if k not in ignored})
     target = torch.utils.data.Subset(UCIDigits(), range(255))
     loader = torch.utils.data.DataLoader(target, batch_size=64)
     expected = module.task.evaluate(module.target_net, loader, torch.device("cpu"))["acc"]
@@ -50,6 +55,20 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
         and not torch.equal(rank0[k], rank0[k.replace("target_net.", "source_net.")])
     ]
     assert moved, "the target network did not train"
+
+    # Each backward reduces only the stepped network's gradients: D's and F_t's once per GAM
+    # batch (DDP's default all-reduce: every bucket at both backwards, F_s's too, as the fit
+    # trained it), to the same weights as DDP's default all-reduce.
+    default, _ = _two_process_run(tmp_path / "default", "default")
+    trainable = sum(p.numel() for net in (module.discriminators, module.target_net)
+                    for p in net.parameters())  # fmt: skip
+    ratio = rank0["gradient_bytes_per_gam_batch"].item() / (4 * trainable)
+    default_ratio = default["gradient_bytes_per_gam_batch"].item() / (4 * trainable)
+    assert ratio <= 1.05 and default_ratio > 2, (ratio, default_ratio)
+    assert rank1["gradient_bytes_per_gam_batch"] == rank0["gradient_bytes_per_gam_batch"]
+    for name, value in default.items():
+        if name != "gradient_bytes_per_gam_batch":
+            torch.testing.assert_close(rank0[name], value, msg=name)
 
 
 def _fit(module, dm, root, max_epochs, ckpt_path=None):

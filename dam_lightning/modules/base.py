@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dam_lightning.errors import WrongTypeError
 from dam_lightning.modules.task import TaskName, make_task
@@ -52,6 +54,7 @@ class EvaluatingModule(L.LightningModule):
         self.task = make_task(task, num_classes, class_names, class_subsets, class_weights)
         self.val_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
         self.test_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
+        self.gradient_reduction: ActiveGradientReduction | None = None
 
     needs_unused_parameter_search = False
     """Whether DDP must look for parameters a backward pass did not reach (the CLI then picks
@@ -61,24 +64,70 @@ class EvaluatingModule(L.LightningModule):
     def eval_net(self) -> nn.Module:
         raise NotImplementedError
 
-    def raise_together(self, error: Exception | None) -> None:
+    def raise_together(self, error: Exception | None, when: tuple[int, int] = (0, 0)) -> None:
         """Raise ``error`` on every process at once: a check inside a step that fails on one
         DDP rank must stop all of them, or the others wait in their next collective until the
         process group's timeout (30 minutes by default) and print nothing useful.
 
         Every rank calls this at the same point of the step, with its own error or None: one
-        tiny all-gather of a flag; only when some rank failed, its error is broadcast and every
-        rank raises it, as ``rank <r>: <message>``. In one process it just raises ``error``."""
+        tiny all-gather of a flag and of ``when`` (a sortable position, e.g. (step, index of
+        the loss)); only when some rank failed, the error of the rank whose failure came first
+        (the lowest rank among equals) is broadcast and every rank raises it, as
+        ``rank <r>: <message>``. In one process it just raises ``error``."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             if error is not None:
                 raise error
             return
-        failed = self.all_gather(torch.tensor(int(error is not None), device=self.device))
-        if not bool(failed.any()):
+        flag = torch.tensor([int(error is not None), *when], device=self.device)
+        gathered = self.all_gather(flag).tolist()  # read back: the ranks decide together
+        failed = [(tuple(w), rank) for rank, (f, *w) in enumerate(gathered) if f]
+        if not failed:
             return
-        first = int(failed.nonzero()[0])
+        first = min(failed)[1]
         shared = self.trainer.strategy.broadcast(error, src=first)
         raise type(shared)(f"rank {first}: {shared}") from error
+
+    def reads_back_this_step(self, batch_idx: int) -> bool:
+        """Whether this training batch may read values back from the device (a sync that
+        stalls a GPU's queue): when Lightning writes logs (every ``log_every_n_steps`` batches),
+        at an epoch's last batch and near ``max_steps`` (within one optimiser step per
+        optimiser: the fit's last batch among them); the same answer on every DDP rank."""
+        trainer = self.trainer
+        epoch_ends = isinstance(trainer.num_training_batches, int) and (
+            batch_idx + 1 >= trainer.num_training_batches
+        )
+        fit_ends = 0 < trainer.max_steps <= trainer.global_step + len(trainer.optimizers)
+        return epoch_ends or fit_ends or _logs_written_this_step(trainer)
+
+    def log_progress(self, values: Mapping[str, Tensor], reads_back: bool) -> None:
+        """Log ``values`` (logger and progress bar) on the steps that read back
+        (``reads_back``, as ``reads_back_this_step`` said before the step), as CPU numbers:
+        Lightning converts every progress-bar value it holds with ``.item()`` after every
+        batch, which on a GPU waits for the whole queue, so values on the device would cost a
+        sync per step and CPU ones read at a log step cost none until the next."""
+        if not values or not reads_back:
+            return
+        numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
+        self.log_dict(
+            {k: torch.tensor(n) for k, n in zip(values, numbers, strict=True)}, prog_bar=True
+        )
+
+    def reduce_only_active_gradients(self) -> None:
+        """Under DDP, average at each backward only the gradients of the parameters that
+        require gradients then (``ActiveGradientReduction``), instead of DDP's every bucket.
+        A communication hook the strategy already registered wins (a warning says so)."""
+        model = self.trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            return
+        self.gradient_reduction = ActiveGradientReduction(model.process_group)
+        try:
+            model.register_comm_hook(self.gradient_reduction, reduce_active_gradients)
+        except RuntimeError as err:
+            self.gradient_reduction = None
+            rank_zero_warn(
+                f"{type(self).__name__}: DDP already has a communication hook ({err}); it reduces "
+                "every network's gradients at every backward, not only the stepped one's"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.eval_net(x)
@@ -130,6 +179,61 @@ class EvaluatingModule(L.LightningModule):
         probabilities = self.task.predict(self.eval_net, x, size).softmax(dim=1)
         confidence, prediction = probabilities.max(dim=1)
         return {"prediction": prediction, "confidence": confidence, "label": y}
+
+
+class ActiveGradientReduction:
+    """State of ``reduce_active_gradients``: the process group, and the gradient bytes it has
+    all-reduced so far (``bytes_reduced``, per process)."""
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self.bytes_reduced = 0
+
+
+def reduce_active_gradients(state: ActiveGradientReduction, bucket):  # DDP refuses str hints
+    """A DDP communication hook (``GradBucket`` -> ``Future[Tensor]``): average across
+    processes the gradients of the bucket's parameters that require gradients at this
+    backward, leave the rest of the bucket alone.
+
+    Lightning's ``toggle_optimizer`` switches ``requires_grad`` off for every parameter but the
+    stepped optimiser's, so a GAM batch's discriminator backward reduces the discriminators'
+    gradients alone and its F_t backward F_t's alone: each network once per batch, where
+    DDP's default all-reduce sends every bucket at every backward (both networks twice, F_s
+    too when the fit trained it). The parameters left out get no gradient in that backward
+    on any rank (DDP leaves globally unused parameters' gradients untouched), so their part
+    of the bucket is never read. The same parameters are switched off on every rank, so the
+    collectives line up."""
+    buffer = bucket.buffer()
+    spans, offset = [], 0
+    for parameter in bucket.parameters():
+        end = offset + parameter.numel()
+        if parameter.requires_grad:
+            if spans and spans[-1][1] == offset:
+                spans[-1][1] = end
+            else:
+                spans.append([offset, end])
+        offset = end
+    if offset != buffer.numel():  # a layout this hook does not know: reduce all of it
+        spans = [[0, buffer.numel()]]
+    futures = []
+    world = dist.get_world_size(state.process_group)
+    for start, end in spans:
+        part = buffer[start:end].div_(world)
+        state.bytes_reduced += part.numel() * part.element_size()
+        futures.append(dist.all_reduce(part, group=state.process_group, async_op=True).get_future())
+    if not futures:
+        done = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+    return torch.futures.collect_all(futures).then(lambda _: buffer)
+
+
+def _logs_written_this_step(trainer) -> bool:
+    """Whether Lightning writes this batch's logged values to the loggers (every
+    ``log_every_n_steps`` batches)."""
+    # No public API tells whether this step's logs are written (checked on lightning 2.6.6).
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 def _inputs_and_labels(batch) -> tuple[Tensor, Tensor | None]:

@@ -198,6 +198,9 @@ class GAMAdaptModule(EvaluatingModule):
         self.register_buffer("source_ready", torch.tensor(False))
         self.register_buffer("source_batches_done", torch.tensor(0))
         self._source_batches = 0
+        self._adapting: bool | None = None  # source_ready read once, not at every batch
+        self.register_load_state_dict_post_hook(_forget_adapting)
+        self._unchecked_losses = _UncheckedLosses()
         self.gaussian_report: GaussianMatchingReport | None = None
         self.matched_at_step: int | None = None
 
@@ -243,7 +246,9 @@ class GAMAdaptModule(EvaluatingModule):
     @property
     def adapting(self) -> bool:
         """Whether F_s is final and F_t is being adapted (stages 2 and 3)."""
-        return bool(self.source_ready)
+        if self._adapting is None:  # reading the buffer syncs with the device: once per load
+            self._adapting = bool(self.source_ready)
+        return self._adapting
 
     def on_fit_start(self) -> None:
         if self.trainer.precision in ("bf16-true", "16-true"):
@@ -271,8 +276,10 @@ class GAMAdaptModule(EvaluatingModule):
                 "state dict> or source_steps=N to train F_s on the source data first"
             )
         self.train()  # Lightning never calls train() itself: apply F_s's and F_t's modes
+        self.reduce_only_active_gradients()
 
     def on_train_end(self) -> None:
+        self._stop_if_a_loss_was_not_finite()  # the batches after the last check
         if not self.adapting:
             rank_zero_warn(
                 f"the fit ended in stage 1, after {int(self.source_batches_done)} of "
@@ -280,7 +287,7 @@ class GAMAdaptModule(EvaluatingModule):
                 "trainer's max_epochs/max_steps covers stage 1 and adaptation: raise it"
             )
 
-    def _source_step(self, batch) -> None:
+    def _source_step(self, batch, reads_back: bool) -> None:
         """One supervised step of F_s (stage 1); the last one hands over to adaptation."""
         optimizer = self._optimizer("source")
         x, y = batch
@@ -291,7 +298,7 @@ class GAMAdaptModule(EvaluatingModule):
         self.manual_backward(loss)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
-        self.log("train/source_loss", loss, prog_bar=True)
+        self.log_progress({"train/source_loss": loss}, reads_back)
         self._source_batches += 1  # counted in Python: no device sync per step
         self.source_batches_done.fill_(self._source_batches)
         if self._source_batches >= self.hparams.source_steps:
@@ -314,6 +321,7 @@ class GAMAdaptModule(EvaluatingModule):
         self.target_net.load_state_dict(self.source_net.state_dict())
         self._anchor_drift_at_target_net()
         self.source_ready.fill_(True)
+        self._adapting = True
         self.train(self.training)
 
     def on_gaussian_matched(self, report: GaussianMatchingReport) -> None:
@@ -343,24 +351,31 @@ class GAMAdaptModule(EvaluatingModule):
     # ---- stage 3: one discriminator step, one target step per batch ------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        reads_back = self.reads_back_this_step(batch_idx)  # decided before any optimiser step
         if not self.adapting:
-            self._source_step(batch["source"])
+            self._source_step(batch["source"], reads_back)
             return
         if not self.discriminators and self.hparams.drift_weight == 0:
             self._check_something_adapts()
             return  # "Gaussian matching only": the callback does all the work
         x_s, _ = batch["source"]  # source labels are not used in this stage
         x_t = batch["target"]
+        at = (self.current_epoch, batch_idx, self.trainer.global_step)
         with torch.no_grad():
             source_acts = self.source_taps(x_s)
         target_acts = self.target_taps(x_t)
-        losses = {}
+        losses, accuracies = {}, {}
         if self.discriminators:
-            losses = self._discriminator_step(
-                self._optimizer("discriminator"), source_acts, target_acts, batch_idx
+            losses, accuracies = self._discriminator_step(
+                self._optimizer("discriminator"), source_acts, target_acts
             )
-        self._target_step(self._optimizer("target"), source_acts, target_acts, losses, batch_idx)
+        losses |= self._target_step(self._optimizer("target"), source_acts, target_acts)
         self._step_schedulers()
+        self._unchecked_losses.add(at, losses)
+        if reads_back:
+            self._stop_if_a_loss_was_not_finite()
+            self.log_progress(accuracies, reads_back)
+            self._log_activation_gaps(source_acts, target_acts)
 
     def _check_something_adapts(self) -> None:
         if self.gaussian_report is None:  # GaussianMatching matches before the first batch
@@ -371,13 +386,12 @@ class GAMAdaptModule(EvaluatingModule):
             )
 
     def _discriminator_step(
-        self, optimizer, source_acts: dict, target_acts: dict, batch_idx: int
-    ) -> dict:
-        """One step of the discriminators, unless a loss is NaN/inf on some rank (then every
-        rank stops before any weight, here or on another rank through DDP's gradient
-        all-reduce, took it in); returns their losses."""
+        self, optimizer, source_acts: dict, target_acts: dict
+    ) -> tuple[dict, dict]:
+        """One step of the discriminators; returns their losses and accuracies (on the
+        device: nothing here waits for it)."""
         self.toggle_optimizer(optimizer)
-        total, losses = 0.0, {}
+        total, losses, accuracies = 0.0, {}, {}
         for name, weight in self.layers.items():
             d = self.discriminators[_key(name)]
             real, fake = d(source_acts[name]), d(target_acts[name].detach())
@@ -385,20 +399,18 @@ class GAMAdaptModule(EvaluatingModule):
             total = total + weight * loss
             losses[layer_key(name, "loss_d")] = loss.detach()
             self.log(layer_key(name, "loss_d"), loss)
-            self.log(layer_key(name, "acc_d"), self.gan.accuracy(real, fake), prog_bar=True)
-        self._stop_unless_finite(losses, batch_idx)
+            accuracies[layer_key(name, "acc_d")] = self.gan.accuracy(real, fake)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
-        return losses
+        return losses, accuracies
 
-    def _target_step(
-        self, optimizer, source_acts: dict, target_acts: dict, losses: dict, batch_idx: int
-    ) -> None:
+    def _target_step(self, optimizer, source_acts: dict, target_acts: dict) -> dict:
+        """One step of F_t; returns its losses (on the device)."""
         self.toggle_optimizer(optimizer)
         adversarial = torch.zeros((), device=self.device)
-        losses = dict(losses)
+        losses = {}
         for name, weight in self.layers.items():
             loss = self.gan.generator_loss(self.discriminators[_key(name)](target_acts[name]))
             adversarial = adversarial + weight * loss
@@ -409,26 +421,33 @@ class GAMAdaptModule(EvaluatingModule):
         losses["train/drift"] = drift.detach()
         self.log("train/drift", drift)
         self.log("train/loss_g", total)
-        self._stop_unless_finite(losses, batch_idx)  # before F_t's update: its weights stay good
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         optimizer.step()
         self.untoggle_optimizer(optimizer)
-        if _logs_written_this_step(self.trainer):  # after backward: the graph's memory is free
-            self._log_activation_gaps(source_acts, target_acts)
+        return losses
 
-    def _stop_unless_finite(self, losses: dict, batch_idx: int) -> None:
+    def _stop_if_a_loss_was_not_finite(self) -> None:
         """Stop every rank with ``TrainingStopped`` (a FloatingPointError) naming the first loss
-        of this batch that is NaN or inf on some rank, the layer it belongs to and the step (one
-        device sync per batch; under DDP one all-gather of a flag)."""
-        values = torch.stack([v.float().reshape(()) for v in losses.values()])
-        finite = torch.isfinite(values)
-        error = None if bool(finite.all()) else self._non_finite_error(losses, values, batch_idx)
-        self.raise_together(error)
+        that was NaN or inf since the last check, on the rank where it came first: its layer,
+        epoch, batch and step. Reading the losses back syncs with the device, so training steps
+        only record them, and this runs where a sync costs nothing extra: every
+        ``log_every_n_steps`` batches, at an epoch's last batch, before every checkpoint and at
+        the end of the fit (on every rank at the same point; under DDP one all-gather).
 
-    def _non_finite_error(self, losses: dict, values, batch_idx: int) -> TrainingStopped:
-        index = int((~torch.isfinite(values)).nonzero()[0])
-        key, what = list(losses)[index], "the weight drift"
+        Up to ``log_every_n_steps - 1`` batches may train on after a NaN/inf loss (their
+        weights likely NaN too); none of them reaches a checkpoint, since the check before
+        saving stops the run first: the newest checkpoint on disk holds only weights from
+        before the bad batch."""
+        bad = self._unchecked_losses.first_not_finite()
+        error, when = None, (0, 0)
+        if bad is not None:
+            (epoch, batch_idx, step), index, key, value = bad
+            error, when = self._non_finite_error(key, value, epoch, batch_idx, step), (step, index)
+        self.raise_together(error, when)
+
+    def _non_finite_error(self, key: str, value: float, epoch, batch_idx, step) -> TrainingStopped:
+        what = "the weight drift"
         if key.startswith("layer/"):
             layer, loss = key.removeprefix("layer/").rsplit("/", 1)
             what = {
@@ -436,10 +455,11 @@ class GAMAdaptModule(EvaluatingModule):
                 "loss_g": f"the adversarial loss of F_t at layer {layer}",
             }[loss]
         return TrainingStopped(
-            f"{what} ({key}) is {float(values[index])} at epoch {self.current_epoch}, batch "
-            f"{batch_idx} (global step {self.trainer.global_step}); training stopped before any "
-            f"weights were updated with it. {_last_checkpoint_text(self.trainer)} Lower the "
-            "learning rates or adversarial_weight, or check the data for NaN/inf"
+            f"{what} ({key}) is {value} at epoch {epoch}, batch {batch_idx} (global step {step}); "
+            f"training stopped at global step {self.trainer.global_step}, the first check after "
+            f"it, and no checkpoint holds weights updated with it. "
+            f"{_last_checkpoint_text(self.trainer)} Lower the learning rates or "
+            "adversarial_weight, or check the data for NaN/inf"
         )
 
     @torch.no_grad()
@@ -455,8 +475,9 @@ class GAMAdaptModule(EvaluatingModule):
             self.log(layer_key(name, "std_gap"), std_gap(target, source))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to write a checkpoint whose weights hold NaN or inf: the last good one stays
-        the newest on disk."""
+        """Refuse to write a checkpoint after a NaN/inf loss or whose weights hold NaN or inf:
+        the last good one stays the newest on disk."""
+        self._stop_if_a_loss_was_not_finite()
         named = [(n, p) for n, p in self.named_parameters() if p.is_floating_point()]
         if not named:
             return
@@ -507,13 +528,37 @@ class GAMAdaptModule(EvaluatingModule):
         return optimizers, schedulers
 
 
-def _logs_written_this_step(trainer) -> bool:
-    """Whether Lightning writes this batch's logged values to the loggers (every
-    ``log_every_n_steps`` batches): the activation gaps cost device syncs, so they are only
-    measured then."""
-    # No public API tells whether this step's logs are written (checked on lightning 2.6.6).
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
+class _UncheckedLosses:
+    """The losses of the adaptation batches since the last check, kept on the device with
+    where they were computed (epoch, batch, global step): one read-back checks them all."""
+
+    def __init__(self):
+        self.batches: list[tuple[tuple[int, int, int], list[str], torch.Tensor]] = []
+
+    def add(self, at: tuple[int, int, int], losses: dict) -> None:
+        if losses:
+            values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+            self.batches.append((at, list(losses), values))
+
+    def first_not_finite(self) -> tuple[tuple[int, int, int], int, str, float] | None:
+        """``(at, index in the batch, key, value)`` of the first NaN/inf loss, or None; forgets
+        the batches it checked."""
+        batches, self.batches = self.batches, []
+        if not batches:
+            return None
+        values = torch.cat([v for *_, v in batches]).tolist()  # the one read-back
+        position = 0
+        for at, keys, _ in batches:
+            for index, key in enumerate(keys):
+                if not math.isfinite(values[position]):
+                    return at, index, key, values[position]
+                position += 1
+        return None
+
+
+def _forget_adapting(module: GAMAdaptModule, incompatible_keys) -> None:
+    """After ``load_state_dict``: ``source_ready`` may have changed, read it again when asked."""
+    module._adapting = None
 
 
 def layer_key(layer: str, metric: str) -> str:

@@ -137,7 +137,7 @@ class SourceModule(EvaluatingModule):
         if self.augment is not None:
             x = self.augment(x)
         loss = self.task.loss(self.net(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_progress({"train/loss": loss}, self.reads_back_this_step(batch_idx))
         return loss
 
     def configure_optimizers(self):
