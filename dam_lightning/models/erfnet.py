@@ -189,6 +189,9 @@ class ERFNet(nn.Module):
             (e.g. the authors' 20 classes, 19 + void, into 19): it starts initialised, and the
             log says so. Off, such a file is an error that names this option.
         example_input_shape: one input's (C, H, W), for sizing discriminators with a dry forward.
+        channels_last: keep the convolution weights and the activations in the channels-last
+            memory format (NHWC), which cuDNN's fastest convolutions (tensor cores under
+            bf16/fp16) read directly; the same outputs within float rounding.
 
     Example:
         >>> net = ERFNet(19, width=0.25)
@@ -212,6 +215,7 @@ class ERFNet(nn.Module):
         weights: str | None = None,
         example_input_shape: Sequence[int] = (3, 512, 1024),
         skip_mismatched_classifier: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if num_classes < 1:
@@ -223,6 +227,9 @@ class ERFNet(nn.Module):
         )
         self.decoder = None if encoder_only else ERFNetDecoder(channels, num_classes)
         self.example_input_shape = tuple(example_input_shape)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         if weights is not None:
             load_weights(self, weights, skip_mismatched_classifier)
 
@@ -287,6 +294,8 @@ class ERFNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.encoder(x)
         return x if self.decoder is None else self.decoder(x)
 

@@ -79,6 +79,9 @@ class TorchvisionSegmentation(nn.Module):
         skip_mismatched_classifier: load everything but a classifier of another class count
             (e.g. COCO's 21 classes into 19): it starts initialised, and the log says so. Off,
             such a file is an error that names this option.
+        channels_last: keep the convolution weights and the activations in the channels-last
+            memory format (NHWC), which cuDNN's fastest convolutions (tensor cores under
+            bf16/fp16) read directly; the same outputs within float rounding.
 
     Example:
         >>> net = TorchvisionSegmentation(19)
@@ -94,17 +97,23 @@ class TorchvisionSegmentation(nn.Module):
         backbone_weights: str | None = None,
         example_input_shape: Sequence[int] = (3, 512, 1024),
         skip_mismatched_classifier: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.arch = arch
         self.model = build_torchvision_model(arch, num_classes)
         self.example_input_shape = tuple(example_input_shape)
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         if backbone_weights is not None:
             load_backbone_weights(self, backbone_weights)
         if weights is not None:
             load_model_weights(self, weights, skip_mismatched_classifier)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)["out"]
 
     def classifier_layers(self) -> tuple[str, ...]:
