@@ -9,10 +9,12 @@ whether a command fails.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
 import re
+import typing
 from collections.abc import Iterable
 
 import yaml
@@ -145,35 +147,69 @@ def cli_key(key: str) -> str:
 
 def _unknown_key_hint(text: str, key: str, options: list[str], config_files: list[str]) -> str:
     """`` (did you mean 'drift_weight'?; in overlay.yaml)`` for a key that is not accepted
-    (``key``: where jsonargparse found it): the closest accepted key (difflib) and the config
-    file that holds the bad one; else the accepted keys; '' for any other error."""
-    bad, candidates = _bad_key(text, options)
+    (``key``: where jsonargparse found it): the closest accepted key (difflib; a key that moved
+    into a nested setting, ``size`` -> ``transform.size``, by its name) and the config file
+    that holds the bad one; else the keys the class accepts; '' for any other error."""
+    bad, candidates, owner = _bad_key(text, options)
     if bad is None:
         return ""
     hints = []
-    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6)
+    moved = [c for c in candidates if c.endswith(f".{bad}")]
+    close = moved or difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6)
     if close:
         hints.append(f"did you mean {close[0]!r}?")
-    elif candidates and "." not in bad:
-        hints.append(f"accepted: {', '.join(sorted(candidates))}")
+    elif candidates and owner:
+        shown = [c for c in candidates if "." not in c]
+        hints.append(f"{owner} accepts: {', '.join(sorted(shown))}")
     holder = config_file_holding(f"{key}.{bad}" if key else bad, config_files)
     if holder:
         hints.append(f"in {holder}")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
-def _bad_key(text: str, options: list[str]) -> tuple[str | None, list[str]]:
-    """The key jsonargparse refused and the keys it would have accepted in its place."""
-    found = re.search(r"Option '([^']+)' is not accepted", text)
+def _bad_key(text: str, options: list[str]) -> tuple[str | None, list[str], str | None]:
+    """The key jsonargparse refused, the keys it would have accepted in its place, and the
+    class that accepts them (None for the parser's own keys)."""
+    found = re.search(r"Option '([^']+)' is not accepted", text) or re.search(
+        r"unrecognized arguments: --([^\s=]+)", text
+    )
     if found:
-        owner = re.findall(r"given class_path '([^']+)'", text)
-        return found.group(1), init_arguments(owner[-1]) if owner else []
+        # the class is named after the message (a nested ``Got value: Namespace(class_path=
+        # 'X'``) or, else, last before it (``Problem with given class_path 'X'``)
+        after = re.search(r"class_path='([^']+)'", text[found.end() :].split("\n", 1)[0])
+        before = re.findall(r"given class_path '([^']+)'", text[: found.start()])
+        owner = after.group(1) if after else (before[-1] if before else None)
+        if owner:
+            keys = init_arguments(owner) + nested_fields(owner)
+            return found.group(1), keys, owner.rsplit(".", 1)[-1]
     found = re.search(r"does not accept option '([^']+)'", text) or re.search(
         r"unrecognized arguments: --([^\s=]+)", text
     )
     if found:
-        return found.group(1), [o for o in options if not o.endswith(".help")]
-    return None, []
+        return found.group(1), [o for o in options if not o.endswith(".help")], None
+    return None, [], None
+
+
+def nested_fields(class_path: str) -> list[str]:
+    """``argument.field`` for each init argument of ``class_path`` that takes a dataclass (a
+    dataset's ``transform``: ``transform.size``...); [] where the annotations do not resolve.
+
+    Example:
+        >>> "transform.size" in nested_fields("dam_lightning.data.GTA5")
+        True
+    """
+    module, _, name = class_path.rpartition(".")
+    try:
+        init = getattr(importlib.import_module(module), name).__init__
+        hints = typing.get_type_hints(init)
+    except (ImportError, AttributeError, ValueError, NameError, TypeError):
+        return []
+    fields = []
+    for argument, annotation in hints.items():
+        for kind in (annotation, *typing.get_args(annotation)):
+            if dataclasses.is_dataclass(kind):
+                fields += [f"{argument}.{f.name}" for f in dataclasses.fields(kind)]
+    return fields
 
 
 def init_arguments(class_path: str) -> list[str]:

@@ -323,12 +323,20 @@ def test_a_misspelt_key_in_an_overlay_names_the_overlay(tmp_path, capsys):
     )
 
 
-def test_a_key_that_moved_lists_the_accepted_ones(capsys):
-    line = _error(["fit", "--config", GTA, "--data.source.init_args.size=[512, 1024]"], capsys, 2)
-    assert line == (
-        "error: data.source: Option 'size' is not accepted "
-        "(accepted: labelled, root, size_mismatch, split_file, transform)"
-    )
+@pytest.mark.parametrize(
+    "option, hint",
+    [
+        ("--data.source.init_args.size=[512, 1024]", "did you mean 'transform.size'?"),  # moved
+        ("--data.source.init_args.transform.sise=[512, 1024]", "did you mean 'transform.size'?"),
+        ("--model.init_args.net.init_args.widht=0.5", "did you mean 'width'?"),  # ERFNet's
+        ("--data.source.init_args.colour=1",
+         "GTA5 accepts: labelled, root, size_mismatch, split_file, transform"),
+    ],
+    ids=["moved", "nested", "network", "no-close-match"],
+)  # fmt: skip
+def test_a_key_not_accepted_by_a_class_gets_that_classs_keys(option, hint, capsys):
+    line = _error(["fit", "--config", GTA, option], capsys, code=2)
+    assert line.endswith(f"({hint})"), line
 
 
 def test_missing_segmentation_data_points_at_the_datasets_doc(tmp_path, capsys, monkeypatch):
