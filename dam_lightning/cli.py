@@ -593,6 +593,11 @@ def main(args=None) -> None:
             _close_run(report, failed=err)
             _report_stop(report, stop)
             raise SystemExit(130 if stop.reason.startswith("Ctrl-C") else 143) from None
+        if isinstance(err, KeyboardInterrupt):  # before the trainer ran: nothing to keep
+            _close_run(report, failed=err)
+            print("\nStopped by Ctrl-C before the run started: nothing was saved.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            raise SystemExit(130) from None
         error = None if debug else user_message(err)
         error = error and point_at_fix(error, report.data_keys)
         log = _close_run(report, failed=err)

@@ -101,3 +101,20 @@ def test_a_stopped_fit_saves_last_ckpt_says_how_to_resume_and_resumes_in_its_fol
         assert again.returncode == 0, again.stderr[-3000:]
         assert len(list((tmp_path / "demo").iterdir())) == 2
         assert (folder / "summary.md").is_file() and not (folder / "config-2.yaml").exists()
+
+
+def test_ctrl_c_before_the_run_started_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from dam_lightning import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.DamCLI, "instantiate_trainer", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_demo_args(tmp_path, int(signal.SIGINT), step=6))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "Stopped by Ctrl-C before the run started: nothing was saved."
+    )
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
