@@ -1,7 +1,8 @@
 """Interrupts and run folders through the real entry point, in a subprocess: SIGTERM (what SLURM
 sends before a kill) or Ctrl-C (SIGINT) during ``fit`` stops at the end of a batch, saves
 ``last.ckpt``, says where and prints the command that resumes the run; the folder says it is
-unfinished until the resumed run, in the same folder, ends well."""
+unfinished until the resumed run, in the same folder, ends well, with the weights and the table
+of the run that was never stopped."""
 
 from __future__ import annotations
 
@@ -118,3 +119,21 @@ def test_ctrl_c_before_the_run_started_leaves_nothing(tmp_path, capsys, monkeypa
         "Stopped by Ctrl-C before the run started: nothing was saved."
     )
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_run_stopped_in_stage_one_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
+    straight = _run(_demo_args(tmp_path / "straight", int(signal.SIGTERM), step=1000), cwd=REPO)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    args = _demo_args(tmp_path / "stopped", int(signal.SIGTERM), step=3)  # source training
+    assert _run(args, cwd=REPO).returncode == 143
+    (last,) = (tmp_path / "stopped").rglob("last.ckpt")
+    assert _run([*args, f"--ckpt_path={last}"], cwd=REPO).returncode == 0
+    (expected,) = (tmp_path / "straight").rglob("last.ckpt")
+    want = torch.load(expected, weights_only=True)
+    got = torch.load(last, weights_only=True)
+    assert got["global_step"] == want["global_step"]
+    state = got["state_dict"]
+    assert [k for k, v in want["state_dict"].items() if not torch.equal(v, state[k])] == []
+    summaries = [(p.parent.parent / "summary.md").read_text() for p in (expected, last)]
+    assert summaries[0] == summaries[1]
