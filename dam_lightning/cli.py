@@ -207,6 +207,7 @@ class RunReport:
     data_keys: dict[str, list[str]] = field(default_factory=dict)  # "GTA5": ["source"]
     resumed: bool = False  # fit --ckpt_path <run>/checkpoints/x.ckpt continues in <run>
     argv: list[str] = field(default_factory=list)  # the command line, for the resume command
+    ckpt_settings: tuple[str, list[str]] | None = None  # (--ckpt_path, the settings it gave)
     trainer: L.Trainer | None = None
 
 
@@ -274,6 +275,8 @@ class DamCLI(LightningCLI):
         if path and str(path) not in _SPECIAL_CKPT_PATHS and "://" not in str(path):
             blob = read_weights_file(str(path), "--ckpt_path")
             self._refuse_another_network(blob, str(path))
+            settings = blob.get("hyper_parameters") or {}
+            self.report.ckpt_settings = (str(path), [k for k in settings if k[0] != "_"])
         super()._parse_ckpt_path()
 
     def _refuse_another_network(self, blob: dict, path: str) -> None:
@@ -600,6 +603,7 @@ def main(args=None) -> None:
             raise SystemExit(130) from None
         error = None if debug else user_message(err)
         error = error and point_at_fix(error, report.data_keys)
+        error = error and _blame_checkpoint(error, report.ckpt_settings)
         log = _close_run(report, failed=err)
         if log and os.path.isfile(os.path.join(report.folder, UNFINISHED_FILE)):
             status = f"Failed: {error or type(err).__name__} (the traceback is in {LOG_FILE})"
@@ -660,6 +664,26 @@ def _close_run(report: RunReport, failed: BaseException | None) -> str | None:
     with open(log, "a", encoding="utf-8") as f:
         f.write("".join(traceback.format_exception(failed)))
     return log
+
+
+def _blame_checkpoint(message: str, ckpt_settings: tuple[str, list[str]] | None) -> str:
+    """``message`` about a setting that ``--ckpt_path``'s checkpoint gave (Lightning applies a
+    checkpoint's settings to the config), saying so: the user never wrote it.
+
+    Example:
+        >>> print(_blame_checkpoint("layers: no layer 'fc3'", ("x.ckpt", ["layers"]))[:64])
+        layers: no layer 'fc3' (layers came from --ckpt_path x.ckpt, not
+    """
+    if ckpt_settings is None:
+        return message
+    path, settings = ckpt_settings
+    key = message.split(":", 1)[0]
+    if ":" not in message or key not in settings:
+        return message
+    return (
+        f"{message} ({key} came from --ckpt_path {path}, not from the config: was that "
+        "checkpoint written with this config?)"
+    )
 
 
 def _stop_callback(report: RunReport) -> StopCleanly | None:

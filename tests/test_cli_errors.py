@@ -287,6 +287,16 @@ def test_a_checkpoint_of_another_network_says_which_and_the_fix(recorded, tmp_pa
     assert list(tmp_path.glob("runs/demo/run1/validate-*")) == []  # refused before any folder
 
 
+def test_a_setting_from_a_checkpoint_of_unknown_network_is_blamed_on_it(gta_roots, capsys):
+    ckpt = _lenet_checkpoint(gta_roots / "old" / "checkpoints" / "old.ckpt", network=None)
+    line = _error(_gta(gta_roots, f"--ckpt_path={ckpt}", command="validate"), capsys)
+    assert line.startswith("error: layers: ERFNet has no layer named 'fc3'. Valid layer names:")
+    assert line.endswith(
+        f"(layers came from --ckpt_path {ckpt}, not from the config: was that checkpoint "
+        "written with this config?)"
+    )
+
+
 def test_a_long_list_in_an_error_is_cut_with_a_count(gta_roots, capsys):
     line = _error(_gta(gta_roots, "--model.init_args.layers={fc9: 1.0}"), capsys)
     assert line.startswith(
