@@ -24,14 +24,9 @@ from dam_lightning.errors import DamError
 MAX_LINE = 300
 """An error line longer than this has its long lists cut (``shorten_lists``)."""
 
-DATASETS_DOC = {
-    "GTA5": "Segmentation",
-    "Cityscapes": "Segmentation",
-    "SYNTHIA": "Segmentation",
-    "MNIST": "Digits",
-    "USPS": "Digits",
-}
-"""The section of docs/datasets.md that says where each dataset's files come from."""
+DATASETS_DOC = {"GTA5": "Segmentation", "Cityscapes": "Segmentation", "SYNTHIA": "Segmentation"}
+"""The section of docs/datasets.md that says where each dataset's files come from (the digits
+datasets' own errors say how to get their files)."""
 
 
 def user_message(err: BaseException) -> str | None:
@@ -120,7 +115,10 @@ def _accepted_form(key: str, detail: str) -> str:
     if not found:
         return detail
     numbers = re.findall(r"-?\d+(?:\.\d+)?", found.group(2))
-    example = f"[{', '.join(numbers)}]" if len(numbers) > 1 else "[512, 1024]"
+    if len(numbers) > 1:
+        example = f"[{', '.join(numbers)}]"
+    else:  # nothing to reuse: a size's form, else the bare form of a list
+        example = "[512, 1024]" if key.endswith("size") else "[x, y]"
     option = f"--{cli_key(key)}" if key else "the option"
     return (
         f"expected a list such as {example}, got {found.group(2)!r}: in a config write "
@@ -170,21 +168,19 @@ def _unknown_key_hint(text: str, key: str, options: list[str], config_files: lis
 def _bad_key(text: str, options: list[str]) -> tuple[str | None, list[str], str | None]:
     """The key jsonargparse refused, the keys it would have accepted in its place, and the
     class that accepts them (None for the parser's own keys)."""
-    found = re.search(r"Option '([^']+)' is not accepted", text) or re.search(
+    refused = re.search(r"Option '([^']+)' is not accepted", text) or re.search(
         r"unrecognized arguments: --([^\s=]+)", text
     )
-    if found:
+    if refused:
         # the class is named after the message (a nested ``Got value: Namespace(class_path=
         # 'X'``) or, else, last before it (``Problem with given class_path 'X'``)
-        after = re.search(r"class_path='([^']+)'", text[found.end() :].split("\n", 1)[0])
-        before = re.findall(r"given class_path '([^']+)'", text[: found.start()])
+        after = re.search(r"class_path='([^']+)'", text[refused.end() :].split("\n", 1)[0])
+        before = re.findall(r"given class_path '([^']+)'", text[: refused.start()])
         owner = after.group(1) if after else (before[-1] if before else None)
         if owner:
             keys = init_arguments(owner) + nested_fields(owner)
-            return found.group(1), keys, owner.rsplit(".", 1)[-1]
-    found = re.search(r"does not accept option '([^']+)'", text) or re.search(
-        r"unrecognized arguments: --([^\s=]+)", text
-    )
+            return refused.group(1), keys, owner.rsplit(".", 1)[-1]
+    found = re.search(r"does not accept option '([^']+)'", text) or refused
     if found:
         return found.group(1), [o for o in options if not o.endswith(".help")], None
     return None, [], None
