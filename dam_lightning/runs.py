@@ -3,7 +3,8 @@
 One command of the CLI is one *run folder*, ``<save_dir>/<experiment>/<date>_<time>``, which holds
 everything the run writes (config, checkpoints, summary, predictions, log, W&B files); the CLI
 claims it and puts a ``RunFolder`` callback on the trainer. Without the CLI a run's folder is its
-logger's. Nothing here trains or evaluates.
+logger's. A ``fit`` stopped by Ctrl-C or SIGTERM leaves its folder resumable (``StopCleanly``).
+Nothing here trains or evaluates.
 """
 
 from __future__ import annotations
