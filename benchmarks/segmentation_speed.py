@@ -16,6 +16,8 @@ tensors: no data set, no checkpoint, no download.
     forward + upsampling + softmax/max, then the labelId, colour and overlay PNGs at 1024x2048, for
     --eval-images images: images/s with the PNGs written on the main process (workers=0) and by
     the writer's threads (workers=2), and without a writer.
+(e) (only with --sections e) A labelled GTA5 item (a synthetic 1914x1052 PNG pair, resized to
+    --eval-size) against decoding its two files with PIL, in this process: ms and the ratio.
 
 Sizes are H x W (calibration default: 256x512 on the CPU, 512x1024 on CUDA). Only --report is
 written.
@@ -73,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="(c) interleaved rounds")
     parser.add_argument("--discriminator-widths", type=int, nargs="+", default=[64, 32])
     parser.add_argument(
-        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"]
+        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d", "e"]
     )
     parser.add_argument("--report", help="also write the figures as Markdown to this file")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
@@ -430,6 +432,45 @@ def writer_lines(args, times: dict) -> list[str]:
     ]
 
 
+# (e) the loader: one labelled GTA5 item against the bare decode of its two files.
+
+
+def loader_item_cost(args, repeats: int = 5) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    from dam_lightning.data import GTA5
+    from dam_lightning.data.transforms import SegmentationTransform
+
+    with tempfile.TemporaryDirectory() as folder:
+        root, rng = Path(folder), np.random.default_rng(0)
+        rows, cols = np.mgrid[0:1052, 0:1914]  # a smooth scene with noise, blocky classes
+        rgb = np.stack([cols * 255 // 1914, rows * 255 // 1052, (cols + rows) % 256], -1)
+        rgb = np.clip(rgb + rng.integers(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
+        label = Image.fromarray(((cols // 97 + rows // 61) % 34).astype(np.uint8), "P")
+        label.putpalette(rng.integers(0, 256, 768).astype(np.uint8).tolist())
+        for sub, picture in (("images", Image.fromarray(rgb)), ("labels", label)):
+            (root / sub).mkdir()
+            picture.save(root / sub / "00001.png")
+        dataset = GTA5(root, transform=SegmentationTransform(size=args.eval_size))
+
+        def bare() -> None:
+            for path in (dataset.images[0], dataset.labels[0]):
+                with Image.open(path) as picture:
+                    np.asarray(picture)
+
+        def best_ms(fn) -> float:
+            return 1000 * min(_seconds(fn, "cpu") for _ in range(repeats))
+
+        decode, item = best_ms(bare), best_ms(lambda: dataset[0])
+        dtype = dataset[0][1].dtype
+    return [
+        f"(e) Loader: a labelled GTA5 item (1914x1052 PNG pair -> {size_text(args.eval_size)}, "
+        f"label {dtype}) {item:.1f} ms against {decode:.1f} ms to decode its two files with PIL "
+        f"({item / decode:.2f}x; best of {repeats}, {torch.get_num_threads()} threads)"
+    ]
+
+
 # The report.
 
 
@@ -524,6 +565,7 @@ def main(argv=None) -> None:
         "b": lambda: evaluation_lines(args, evaluation_throughput(args)),
         "c": lambda: iteration_lines(args, iteration_ratio(args)),
         "d": lambda: writer_lines(args, writer_overlap(args)),
+        "e": lambda: loader_item_cost(args),
     }
     for key in args.sections:
         section = sections[key]()

@@ -22,7 +22,7 @@ class Labelled(TensorDataset):
 
 
 def _with_module(dm: DomainAdaptationDataModule, module) -> DomainAdaptationDataModule:
-    dm.trainer = SimpleNamespace(lightning_module=module)
+    dm.trainer = SimpleNamespace(lightning_module=module, accelerator=None, num_devices=1)
     return dm
 
 

@@ -77,7 +77,7 @@ def test_cityscapes_maps_label_ids_to_train_ids_pixel_by_pixel(cityscapes):
     assert len(ds) == 4
     for index, name in enumerate(cityscapes.names):
         image, label = ds[index]
-        assert image.dtype == torch.float32 and label.dtype == torch.int64
+        assert image.dtype == torch.float32 and label.dtype == torch.uint8
         expected = expected_train_ids(cityscapes.labels[name], CITYSCAPES_TRAIN_IDS)
         np.testing.assert_array_equal(label.numpy(), expected)
         np.testing.assert_allclose(as_uint8_image(image), cityscapes.images[name], atol=1e-3)

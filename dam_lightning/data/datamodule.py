@@ -7,16 +7,20 @@ Validation/test loaders are ``[target, source?]``. Datasets are built elsewhere 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from dam_lightning.data.attributes import dataset_info
 from dam_lightning.data.few_shot import FewShot
+from dam_lightning.data.segmentation import SegmentationDataset
 from dam_lightning.errors import ConfigError, WrongTypeError
 
 DOMAINS = ("source", "target")
@@ -30,13 +34,23 @@ class Unlabelled(Dataset):
     """
 
     def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+        self.dataset = _without_labels(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         return input_of(self.dataset[index], self.dataset)
+
+
+def _without_labels(dataset: Dataset) -> Dataset:
+    """``dataset`` with its label files never read where it can say so (a segmentation set,
+    also inside a ``Subset``): a dropped label costs its decoding for nothing."""
+    if isinstance(dataset, SegmentationDataset):
+        return dataset.without_labels()
+    if isinstance(dataset, Subset):
+        return Subset(_without_labels(dataset.dataset), dataset.indices)
+    return dataset
 
 
 def input_of(item, dataset=None) -> torch.Tensor:
@@ -138,7 +152,9 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         batch_size: source batch size (and target, unless ``target_batch_size`` is given).
         target_batch_size: target batch size; default ``batch_size``.
         eval_batch_size: batch size for validation/test/prediction; default ``batch_size``.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; default (None): on a GPU, the CPUs this
+            process may use shared among the devices, one left to the training process (at
+            most 8), on the CPU 0 (the cores train). Loaders pin their batches on a GPU.
         seed: seeds the training shuffles and the choice of calibration batches.
         few_shot: few-shot fine-tuning on the target (the paper's Fig. 6): the labelled training
             set becomes ``FewShot(target, few_shot, few_shot_seed)``, this many labelled images
@@ -178,7 +194,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         batch_size: int = 128,
         target_batch_size: int | None = None,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         few_shot: int | None = None,
         few_shot_seed: int = 0,
@@ -198,7 +214,7 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             "target": target_batch_size or batch_size,
             "eval": eval_batch_size or batch_size,
         }
-        self.num_workers, self.seed = num_workers, seed
+        self.workers_setting, self.seed = num_workers, seed
         self._check_datasets()
         self.labelled_train = self._labelled_training_set()
 
@@ -275,6 +291,28 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             )
         return n
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Segmentation labels travel as uint8 (an eighth of int64's bytes: 0.5 MiB at
+        512x1024) and become int64 here, on the device, for the losses, the metrics and every
+        hook that sees the batch (the tasks also take uint8 labels from plain loaders)."""
+        return apply_to_collection(batch, torch.Tensor, _widen_labels)
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: the ``num_workers`` setting, or derived from the CPUs per device
+        (``workers_per_device``) once a trainer is attached."""
+        if self.workers_setting is not None:
+            return self.workers_setting
+        trainer = self.trainer
+        if trainer is None or not isinstance(trainer.accelerator, CUDAAccelerator):
+            return 0
+        return workers_per_device(len(os.sched_getaffinity(0)), trainer.num_devices)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches on a GPU: their copy to the device does not block the host."""
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+
     def _loader(
         self,
         dataset: Dataset,
@@ -298,12 +336,14 @@ class DomainAdaptationDataModule(L.LightningDataModule):
             drop_last=shuffle_seed is not None and len(sampler) >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
-    def source_dataloader(self) -> DataLoader:
+    def source_dataloader(self, labelled: bool = True) -> DataLoader:
         """Shuffled labelled batches of ``labelled_train`` (the source set, or the few-shot
-        target images)."""
-        return self._loader(self.labelled_train, self.batch_sizes["source"], self.seed)
+        target images); with ``labelled=False`` the images alone (labels never decoded)."""
+        dataset = self.labelled_train if labelled else Unlabelled(self.labelled_train)
+        return self._loader(dataset, self.batch_sizes["source"], self.seed)
 
     def target_dataloader(self) -> DataLoader:
         """Shuffled unlabelled target batches (inputs only)."""
@@ -329,7 +369,13 @@ class DomainAdaptationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         module = self.trainer.lightning_module if self.trainer is not None else None
         domains = getattr(module, "train_domains", DOMAINS)
-        loaders = {"source": self.source_dataloader, "target": self.target_dataloader}
+        # A module that will not read the source labels in this fit (GAM adapting from a
+        # finished F_s) gets the source images alone: no label is decoded for nothing.
+        labelled = getattr(module, "uses_source_labels", True)
+        loaders = {
+            "source": lambda: self.source_dataloader(labelled),
+            "target": self.target_dataloader,
+        }
         return {domain: loaders[domain]() for domain in domains}
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -382,6 +428,21 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         return list(self.calibration_loader(domain, num_batches, rank, world_size))
 
 
+def _widen_labels(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.long() if tensor.dtype == torch.uint8 else tensor
+
+
+def workers_per_device(cpus: int, devices: int) -> int:
+    """DataLoader workers per training process on a GPU host: its share of ``cpus`` less one
+    for the process itself, at least 1, at most 8 (beyond that a loader rarely gains).
+
+    Example:
+        >>> workers_per_device(16, 1), workers_per_device(16, 2), workers_per_device(2, 4)
+        (8, 7, 1)
+    """
+    return max(1, min(8, cpus // max(1, devices) - 1))
+
+
 def _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers) -> None:
     """Refuse impossible loader settings at construction, before any run starts."""
     sizes = {"batch_size": batch_size, "target_batch_size": target_batch_size,
@@ -389,7 +450,7 @@ def _check_sizes(batch_size, target_batch_size, eval_batch_size, num_workers) ->
     for name, value in sizes.items():
         if value is not None and (isinstance(value, bool) or value < 1):
             raise ConfigError(f"data.{name} must be a positive number of images, got {value}")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
 
 

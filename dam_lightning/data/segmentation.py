@@ -51,8 +51,9 @@ corrupt or truncated file; ``__getitem__`` turns them into one message naming th
 class SegmentationDataset(InfoAttributes, Dataset):
     """Image/label pairs decoded on access: ``(image, label)``, or ``image`` when unlabelled.
 
-    ``image`` is float32 (3, H, W), normalised; ``label`` is int64 (h, w) holding trainIds
-    ``0..num_classes-1`` or 255 (ignored). ``transform`` (a ``SegmentationTransform``) says how:
+    ``image`` is float32 (3, H, W), normalised; ``label`` is uint8 (h, w) holding trainIds
+    ``0..num_classes-1`` or 255 (ignored): an eighth of int64's bytes through the loader and to
+    the device, where ``EvaluatingModule`` widens it. ``transform`` (a ``SegmentationTransform``) says how:
     the network input ``size``, ``label_size`` (``"input"``: labels resized, nearest, to
     ``size``; ``"native"``: file resolution), ``train_augment`` (joint random scale, crop, flip)
     and the normalisation. With ``labelled=False`` label files are never opened (an unlabelled
@@ -81,7 +82,7 @@ class SegmentationDataset(InfoAttributes, Dataset):
         >>> ds = SegmentationDataset([folder / "a.png"], [folder / "a_ids.png"], transform=transform)
         >>> image, label = ds[0]  # labelIds 7 road, 26 car, 3 void -> trainIds 0, 13, 255
         >>> tuple(image.shape), label.dtype, label.tolist()
-        ((3, 2, 4), torch.int64, [[0, 13, 255, 13], [0, 13, 255, 13]])
+        ((3, 2, 4), torch.uint8, [[0, 13, 255, 13], [0, 13, 255, 13]])
         >>> ds, ds.num_classes, ds.item_name(0)
         (SegmentationDataset(size=(2, 4), images=1), 19, 'a')
     """
@@ -172,6 +173,13 @@ class SegmentationDataset(InfoAttributes, Dataset):
         view.transform = self.transform.eval_view()
         return view
 
+    def without_labels(self) -> SegmentationDataset:
+        """A shallow copy whose items are the images alone, label files never opened: the
+        same images, the same random augmentation (its draws do not depend on the label)."""
+        view = copy.copy(self)
+        view.labels, view.labelled = None, False
+        return view
+
     def __getitem__(self, index: int) -> Tensor | tuple[Tensor, Tensor]:
         image = self.read_image(self.images[index])
         if self.labels is None:
@@ -181,7 +189,8 @@ class SegmentationDataset(InfoAttributes, Dataset):
         if label.shape != image.shape[-2:]:
             label = self._match_image_size(label, image, label_file, self.images[index])
         image, label = self.transform(image, label)
-        return image, self.id_to_train_id[label.long()]
+        train_ids = self.id_to_train_id.to(torch.uint8).numpy()  # 256 entries, all <= 255
+        return image, torch.from_numpy(train_ids[label.numpy()])
 
     def read_image(self, path: Path) -> Tensor:
         """The image as uint8 (3, H, W) RGB (an alpha channel is dropped).
@@ -201,10 +210,12 @@ class SegmentationDataset(InfoAttributes, Dataset):
                 )
         try:
             with Image.open(io.BytesIO(data)) as image:
-                rgb = np.array(image.convert("RGB"))
+                rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))
         except DecodeError as err:
             raise decode_error(path, err) from err
-        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        # (H, W, 3) seen as (3, H, W) without a copy: the resize reads this channels-last
+        # layout directly (faster than from a contiguous copy; the same values)
+        return torch.from_numpy(rgb).permute(2, 0, 1)
 
     def read_label(self, path: Path) -> Tensor:
         """The label file's raw values as uint8 (H, W), checked against ``max_label_id``.

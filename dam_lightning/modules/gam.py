@@ -42,7 +42,7 @@ from dam_lightning.matching import (
 from dam_lightning.matching.adversarial import GANKind, GANLoss, discriminator_for
 from dam_lightning.matching.drift import DriftReduction, weight_drift
 from dam_lightning.matching.taps import ActivationTaps, resolve_layer
-from dam_lightning.modules.base import EvaluatingModule, NetworkFactory
+from dam_lightning.modules.base import EvaluatingModule, NetworkFactory, _inputs_and_labels
 from dam_lightning.modules.source import paper_source_optimizer
 from dam_lightning.modules.task import TaskName
 from dam_lightning.weights import load_network_weights
@@ -244,6 +244,12 @@ class GAMAdaptModule(EvaluatingModule):
         return self.hparams.source_steps > 0 and not self.hparams.source_weights
 
     @property
+    def uses_source_labels(self) -> bool:
+        """Whether this fit reads source labels: only to train F_s (stage 1). The data module
+        then serves source images alone; a fit that trains F_s decodes them to its end."""
+        return self.trains_source_network and not self.adapting
+
+    @property
     def adapting(self) -> bool:
         """Whether F_s is final and F_t is being adapted (stages 2 and 3)."""
         if self._adapting is None:  # reading the buffer syncs with the device: once per load
@@ -358,7 +364,7 @@ class GAMAdaptModule(EvaluatingModule):
         if not self.discriminators and self.hparams.drift_weight == 0:
             self._check_something_adapts()
             return  # "Gaussian matching only": the callback does all the work
-        x_s, _ = batch["source"]  # source labels are not used in this stage
+        x_s = _inputs_and_labels(batch["source"])[0]  # no source label is used from here
         x_t = batch["target"]
         at = (self.current_epoch, batch_idx, self.trainer.global_step)
         with torch.no_grad():

@@ -131,7 +131,7 @@ class Task:
         """Score one labelled batch: check its labels (``where`` names it in the error),
         predict at the labels' size, update ``metrics``."""
         self.check_labels(labels, where)
-        metrics.update(self.predict(net, x, self.label_size(labels)), labels)
+        metrics.update(self.predict(net, x, self.label_size(labels)), labels.long())
 
     @torch.no_grad()
     def evaluate(
@@ -229,7 +229,7 @@ class SegmentationTask(Task):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         logits = _resize_logits(logits, labels.shape[-2:])
         weight = None if self.class_weights is None else self.class_weights.to(logits)
-        return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, labels.long(), weight=weight, ignore_index=IGNORE_INDEX)
 
     def predict(self, net: nn.Module, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         logits = net(x)
