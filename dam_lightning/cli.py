@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import dam_lightning
 import dam_lightning.data
 import dam_lightning.models
-from dam_lightning.__main__ import (
+from dam_lightning.overview import (
     DESCRIPTION,
     PROG,
     SUBCOMMANDS,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dam_lightning.__main__ import SUBCOMMANDS, shipped_configs, top_level_help
+from dam_lightning.overview import SUBCOMMANDS, shipped_configs, top_level_help
 from dam_lightning.cli import DamCLI, main, metrics_table
 
 from .conftest import REPO

@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 
+from dam_lightning.modules.gam import GAMAdaptModule
+
 __all__ = [
     "Budget",
     "ConsoleAboveBars",
@@ -196,8 +198,9 @@ class _AboveBars(logging.Handler):
 
 
 def _stage(pl_module) -> str:
-    adapting = getattr(pl_module, "adapting", None)
-    return {True: "Adaptation", False: "Source training"}.get(adapting, "Training")
+    if not isinstance(pl_module, GAMAdaptModule):
+        return "Training"
+    return "Adaptation" if pl_module.adapting else "Source training"
 
 
 class RunProgress(L.Callback):
