@@ -180,8 +180,34 @@ def test_plain_dataset_gets_train_ids_default_names_and_the_run_folder(tmp_path,
     ]
     assert np.array_equal(read(out / "trainIds" / "000002.png"), table[2].numpy())
     assert tuple(read(out / "colour" / "000002.png")[0, 1]) == CITYSCAPES_PALETTE[table[2, 0, 1]]
-    assert not (out / "overlay").exists() and not (out / "labelIds").exists()
-    assert f"Predictions: 3 images -> {out} (trainIds/, colour/)" in capsys.readouterr().out
+    assert not (out / "labelIds").exists()
+    kinds = "(trainIds/, colour/, overlay/)"  # no image file: drawn on the network input
+    assert f"Predictions: 3 images -> {out} {kinds}" in capsys.readouterr().out
+
+
+def test_without_an_image_file_the_overlay_is_drawn_on_the_network_input(tmp_path):
+    table = seg_table(2)
+    inputs = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    dataset = TensorDataset(inputs, torch.arange(2))
+    predict(FixedPredictions(table), dataset, PredictionWriter(str(tmp_path), overlay_alpha=0.5))
+    x = inputs[1]
+    stretched = ((x - x.min()) / (x.max() - x.min()) * 255).round().permute(1, 2, 0).numpy()
+    colour = read(tmp_path / "colour" / "000001.png").astype(float)
+    overlay = read(tmp_path / "overlay" / "000001.png").astype(float)
+    assert np.array_equal(overlay[0, 0], stretched[0, 0])  # ignored pixel: the input only
+    assert np.abs(overlay[1:] - (0.5 * stretched[1:] + 0.5 * colour[1:])).max() <= 0.5
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 1.0])
+def test_the_overlay_has_the_pixels_of_the_previous_float_blend(alpha):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    colours = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    train_ids = rng.choice([0, 5, IGNORE_INDEX], (32, 64)).astype(np.uint8)
+    weight = np.where(train_ids == IGNORE_INDEX, 0.0, alpha)[..., None]  # as written before
+    before = np.rint(image.astype(np.float32) * (1 - weight) + colours.astype(np.float32) * weight)
+    after = PredictionWriter(overlay_alpha=alpha)._overlay(image, colours, train_ids)
+    assert np.array_equal(after, before.astype(np.uint8))
 
 
 @pytest.mark.parametrize("with_labels", [True, False])

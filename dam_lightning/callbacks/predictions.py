@@ -17,6 +17,7 @@ import contextlib
 import csv
 import os
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +81,12 @@ def default_palette(num_classes: int | None) -> tuple[tuple[int, int, int], ...]
     return distinct_palette(num_classes)
 
 
+PNG_ENCODING = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+"""How the PNGs are compressed: zlib's run-length strategy at level 1 writes a 1024x2048 overlay
+in half the time of PIL's default (level 6) at the same size (id maps and colour masks within
+a few kB), on a CPU (docs/results/segmentation_speed.md); the pixels are the same."""
+
+
 def save_png_atomically(image: Image.Image, path: str) -> None:
     """Save ``image`` as PNG at ``path`` (folders created) through a hidden temporary file in the
     same folder and an atomic rename: a crash leaves the old file or the new one, and the
@@ -89,7 +96,7 @@ def save_png_atomically(image: Image.Image, path: str) -> None:
     unique = f"{os.getpid()}-{threading.get_ident()}"  # writer threads never share a temporary
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{unique}.tmp")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", **PNG_ENCODING)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -211,6 +218,15 @@ def _unpack(prediction: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         )
     fields = [prediction.get(key) for key in ("prediction", "confidence", "label")]
     return tuple(None if t is None else torch.as_tensor(t).detach() for t in fields)
+
+
+def _displayable(network_input: Tensor) -> np.ndarray:
+    """A (C, H, W) network input (1 or 3 channels, any normalisation) as (H, W, 3) uint8 RGB,
+    its values stretched from their minimum to their maximum."""
+    x = network_input.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    rgb = (x * 255).round().to(torch.uint8).expand(3, *x.shape[1:])
+    return rgb.permute(1, 2, 0).contiguous().numpy()
 
 
 def _cpu(tensor: Tensor | None) -> Tensor | None:
@@ -379,8 +395,9 @@ class PredictionWriter(BasePredictionWriter):
             self._write_rows(trainer, folder, dataloader_idx, indices, predicted, confidence, label)
         elif predicted.ndim == 3:
             tables = self._segmentation_tables(view, pl_module, dataloader_idx)
+            inputs = batch if isinstance(batch, Tensor) else batch[0]
             for row, index in enumerate(indices):
-                self._write_masks(view, tables, folder, index, predicted[row])
+                self._write_masks(view, tables, folder, index, predicted[row], inputs[row])
         else:
             raise ConfigError(
                 f"prediction of shape {tuple(predicted.shape)} is neither (N,) class ids nor "
@@ -432,20 +449,30 @@ class PredictionWriter(BasePredictionWriter):
     # ---- segmentation ---------------------------------------------------------------------------
 
     def _write_masks(
-        self, view: _DatasetView, tables: _SegmentationTables, folder: str, index: int, ids: Tensor
+        self,
+        view: _DatasetView,
+        tables: _SegmentationTables,
+        folder: str,
+        index: int,
+        ids: Tensor,
+        network_input: Tensor,
     ) -> None:
         """Check the ids and ask the dataset for the name and image here (the main process);
-        convert and write in a writer thread, from a uint8 copy of the ids."""
+        convert and write in a writer thread, from a uint8 copy of the ids. The overlay is
+        drawn on the image file where the dataset names one (``image_path``), else on the
+        network's input as it saw it (a generated scene), stretched to 0..255."""
         name = view.item_name(index)
         tables.check(ids, name)
-        image_path = view.call("image_path", index)
-        kinds = (tables.folder, "colour") + (("overlay",) if image_path is not None else ())
+        image = view.call("image_path", index)
+        if image is None and network_input.ndim == 3 and network_input.shape[0] in (1, 3):
+            image = _displayable(network_input)
+        kinds = (tables.folder, "colour") + (("overlay",) if image is not None else ())
         for kind in kinds:
             self._kinds[f"{kind}/"] = None
         train_ids = ids.to(torch.uint8).numpy()
 
         def job() -> None:
-            self._write_image(tables, folder, name, train_ids, image_path)
+            self._write_image(tables, folder, name, train_ids, image)
 
         self._writes().submit(job)
 
@@ -455,13 +482,18 @@ class PredictionWriter(BasePredictionWriter):
         folder: str,
         name: str,
         train_ids: np.ndarray,
-        image_path: Any,
+        image_source: Any,
     ) -> None:
-        """The id (labelId or trainId), colour and overlay PNGs of one image."""
-        doing = ("read", image_path) if image_path is not None else None
+        """The id (labelId or trainId), colour and overlay PNGs of one image; the overlay's
+        image is a file (``image_source`` a path) or (H, W, 3) uint8 pixels."""
+        from_file = image_source is not None and not isinstance(image_source, np.ndarray)
+        image_path = image_source if from_file else "the network input"
+        doing = ("read", image_path) if image_source is not None else None
         try:
             with contextlib.ExitStack() as stack:
-                image = None if image_path is None else stack.enter_context(Image.open(image_path))
+                image = stack.enter_context(Image.open(image_source)) if from_file else None
+                if isinstance(image_source, np.ndarray):
+                    image = Image.fromarray(image_source)
                 mask = Image.fromarray(train_ids)
                 if image is not None and image.size != mask.size:  # the header gives the size
                     mask = mask.resize(image.size, Image.Resampling.NEAREST)
@@ -474,7 +506,7 @@ class PredictionWriter(BasePredictionWriter):
                 save_png_atomically(Image.fromarray(colours), doing[1])
                 if image is not None:
                     doing = ("read", image_path)
-                    pixels = np.asarray(image.convert("RGB"))
+                    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
                     doing = ("write", self._path(folder, "overlay", name))
                     overlay = self._overlay(pixels, colours, train_ids)
                     save_png_atomically(Image.fromarray(overlay), doing[1])
@@ -486,10 +518,14 @@ class PredictionWriter(BasePredictionWriter):
             ) from err
 
     def _overlay(self, image: np.ndarray, colours: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
-        """The image with the colours blended in at ``overlay_alpha``, except on ignored pixels."""
-        alpha = np.where(train_ids == IGNORE_INDEX, 0.0, self.overlay_alpha)[..., None]
-        blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-        return np.rint(blended).astype(np.uint8)
+        """The image with the colours blended in at ``overlay_alpha`` (in float64, rounded half
+        to even), except on ignored pixels, which keep the image's."""
+        blended = image * (1.0 - self.overlay_alpha)
+        blended += colours * self.overlay_alpha
+        overlay = np.rint(blended, out=blended).astype(np.uint8)
+        ignored = train_ids == IGNORE_INDEX
+        overlay[ignored] = image[ignored]
+        return overlay
 
     @staticmethod
     def _path(folder: str, kind: str, name: str) -> str:
