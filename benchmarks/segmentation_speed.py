@@ -10,8 +10,8 @@ tensors: no data set, no checkpoint, no download.
     was resident before (VmHWM on the CPU, max_memory_allocated on CUDA), each in a fresh process.
 (b) Evaluation as Cityscapes is scored (SegmentationTask): forward at --eval-size, upsampling to
     the 1024x2048 label, confusion-matrix update: images/s.
-(c) A GAM iteration over a source-only iteration through the Trainer at --iteration-size,
-    interleaved (--rounds x --iterations batches), for each --discriminator-widths.
+(c) A GAM step over a source step: removed; ``python -m dam_lightning preflight`` times every
+    stage of a config (docs/results/segmentation_iteration.md).
 (d) (only with --sections d) ``predict`` through the Trainer with PredictionWriter: (b)'s
     forward + upsampling + softmax/max, then the labelId, colour and overlay PNGs at 1024x2048, for
     --eval-images images: images/s with the PNGs written on the main process (workers=0) and by
@@ -39,7 +39,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from dam_lightning.data import DomainAdaptationDataModule
+from benchmarks.machine import describe, parse_size, provenance
 from dam_lightning.data.labels import CITYSCAPES_CLASSES, DatasetInfo
 from dam_lightning.matching import (
     ActivationTaps,
@@ -48,11 +48,8 @@ from dam_lightning.matching import (
     measure_statistics,
 )
 from dam_lightning.models import ERFNet
-from dam_lightning.modules import GAMAdaptModule, SourceModule
 from dam_lightning.modules.task import SegmentationTask
 from dam_lightning.runs import atomic_write_text
-
-from benchmarks.machine import describe, parse_size, provenance
 
 NUM_CLASSES = 19
 LABEL_SIZE = (1024, 2048)  # Cityscapes' gtFine, (H, W)
@@ -69,13 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, help="(a) calibration HxW")
     parser.add_argument("--eval-size", type=parse_size, default=(512, 1024), help="network HxW")
     parser.add_argument("--eval-images", type=int, default=4, help="timed, after one warm-up")
-    parser.add_argument("--iteration-size", type=parse_size, help="(c) HxW")
-    parser.add_argument("--iteration-batch", type=int, default=1, help="(c) images per domain")
-    parser.add_argument("--iterations", type=int, default=4, help="(c) timed batches per fit")
-    parser.add_argument("--rounds", type=int, default=3, help="(c) interleaved rounds")
-    parser.add_argument("--discriminator-widths", type=int, nargs="+", default=[64, 32])
     parser.add_argument(
-        "--sections", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d", "e"]
+        "--sections", nargs="+", default=["a", "b"], choices=["a", "b", "d", "e"]
     )
     parser.add_argument("--report", help="also write the figures as Markdown to this file")
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # the subprocess's job
@@ -83,8 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = (512, 1024) if args.device == "cuda" else (256, 512)
-    if args.iteration_size is None:
-        args.iteration_size = (512, 1024) if args.device == "cuda" else (256, 512)
     return args
 
 
@@ -267,86 +257,6 @@ def evaluation_throughput(args) -> dict:
     }
 
 
-# (c) GAM iteration / source iteration, through the Trainer.
-
-
-class SyntheticScenes(Dataset):
-    """``count`` random normalised images with random labels: speed only, no content."""
-
-    info = DatasetInfo("segmentation", NUM_CLASSES, CITYSCAPES_CLASSES)
-
-    def __init__(self, count: int, size: tuple[int, int], shift: float = 0.0):
-        self.count, self.size, self.shift = count, size, shift
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        g = torch.Generator().manual_seed(index)
-        image = (1 + self.shift) * torch.randn(3, *self.size, generator=g) + self.shift
-        return image, torch.randint(0, NUM_CLASSES, self.size, generator=g)
-
-
-class BatchTimer(L.Callback):
-    """Seconds of every training batch (hooks around ``training_step`` and its optimiser
-    steps), the first one of the fit left out (warm-up)."""
-
-    def __init__(self, device: str):
-        self.device, self.seconds, self._start = device, [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        _synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _synchronize(self.device)
-        if batch_idx > 0:
-            self.seconds.append(time.perf_counter() - self._start)
-
-
-def _timed_fit(args, module: L.LightningModule, data) -> list[float]:
-    timer = BatchTimer(args.device)
-    trainer = L.Trainer(
-        accelerator=args.device, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, max_epochs=1, limit_train_batches=args.iterations + 1,
-        callbacks=[timer],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    return timer.seconds
-
-
-def iteration_ratio(args) -> dict:
-    """Median seconds per batch of SourceModule and of GAMAdaptModule (per discriminator
-    width), fits interleaved round by round."""
-    count = args.iteration_batch * (args.iterations + 1)
-    data = DomainAdaptationDataModule(
-        SyntheticScenes(count, args.iteration_size),
-        SyntheticScenes(count, args.iteration_size, shift=0.5),
-        batch_size=args.iteration_batch,
-    )
-    shape = (3, *args.iteration_size)
-
-    def erfnet(num_classes: int) -> ERFNet:
-        return ERFNet(num_classes, example_input_shape=shape)
-
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "source.pt"
-        torch.save(erfnet(NUM_CLASSES).state_dict(), weights)
-        seconds = {"source": []} | {width: [] for width in args.discriminator_widths}
-        for _ in range(args.rounds):
-            source = SourceModule(erfnet, NUM_CLASSES, task="segmentation")
-            seconds["source"] += _timed_fit(args, source, data)
-            for width in args.discriminator_widths:
-                gam = GAMAdaptModule(
-                    erfnet, NUM_CLASSES, layers=ERFNet.paper_taps(), adversarial_weight=0.1,
-                    gan_loss="lsgan", drift_reduction="sum", source_weights=str(weights),
-                    discriminator_width=width, task="segmentation",
-                )  # fmt: skip
-                seconds[width] += _timed_fit(args, gam, data)
-    return {key: statistics.median(values) for key, values in seconds.items()}
-
-
 # (d) predict with the PredictionWriter: writing overlapped with inference or not.
 
 
@@ -512,25 +422,6 @@ def evaluation_lines(args, throughput: dict) -> list[str]:
     ]
 
 
-def iteration_lines(args, medians: dict) -> list[str]:
-    """Section (c): a sentence, then one row per discriminator width."""
-    lines = [
-        f"(c) One batch through the Trainer at {size_text(args.iteration_size)} "
-        f"({args.iteration_batch} source + {args.iteration_batch} target images, "
-        f"{args.device}, fp32), median of {args.rounds} interleaved rounds x "
-        f"{args.iterations} batches: source-only iteration (SourceModule) "
-        f"{medians['source']:.3f} s.",
-        "",
-        "| GAM iteration, 4 patch discriminators of width | seconds | / source iteration |",
-        "|---|---|---|",
-    ]
-    for width in args.discriminator_widths:
-        lines.append(
-            f"| {width} | {medians[width]:.3f} | {medians[width] / medians['source']:.2f}x |"
-        )
-    return lines
-
-
 def write_report(path: Path, lines: list[str], argv: list[str]) -> None:
     """The figures as Markdown, headed by the command and the machine, written atomically."""
     text = "\n".join(
@@ -563,7 +454,6 @@ def main(argv=None) -> None:
     sections = {
         "a": lambda: matching_lines(args, gaussian_matching_cost(args)),
         "b": lambda: evaluation_lines(args, evaluation_throughput(args)),
-        "c": lambda: iteration_lines(args, iteration_ratio(args)),
         "d": lambda: writer_lines(args, writer_overlap(args)),
         "e": lambda: loader_item_cost(args),
     }

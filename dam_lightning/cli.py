@@ -40,13 +40,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import dam_lightning
 import dam_lightning.data
 import dam_lightning.models
-from dam_lightning.overview import (
-    DESCRIPTION,
-    PROG,
-    SUBCOMMANDS,
-    top_level_help,
-    wants_top_level_help,
-)
 from dam_lightning.callbacks.predictions import PredictionWriter
 from dam_lightning.callbacks.publish import PublishCheckpoint
 from dam_lightning.cli_errors import point_at_fix, short_parse_error, user_message
@@ -54,7 +47,14 @@ from dam_lightning.cpu_threads import choose_cpu_threads
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.errors import ConfigError
 from dam_lightning.modules.base import EvaluatingModule
-from dam_lightning.preflight import synthetic_data_config
+from dam_lightning.overview import (
+    DESCRIPTION,
+    PROG,
+    SUBCOMMANDS,
+    top_level_help,
+    wants_top_level_help,
+)
+from dam_lightning.preflight import random_instead_of_missing_weights, synthetic_data_config
 from dam_lightning.runs import (
     LOG_FILE,
     RUN_FOLDER_ENV,
@@ -317,6 +317,8 @@ class DamCLI(LightningCLI):
         self._config_as_given = config.clone()  # what config.yaml records: no run folder in it
         if subcommand == "preflight" and config.get("synthetic"):
             synthetic_data_config(config.data, config.steps)
+            for note in random_instead_of_missing_weights(config.model):
+                print(f"preflight: {note}", flush=True)
         parent, name = self._run_folder_place(config)
         inherited = os.environ.get(RUN_FOLDER_ENV) if launch_rank() > 0 else None
         if inherited:

@@ -11,6 +11,7 @@ config whose datasets are not on disk yet to random stand-ins of the same sizes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -24,10 +25,16 @@ import torch
 
 from dam_lightning.callbacks.gaussian_matching import GaussianMatching
 from dam_lightning.callbacks.summary import AdaptationSummary
-from dam_lightning.data.synthetic import synthetic_item_shape
+from dam_lightning.data.synthetic import dataset_class, synthetic_item_shape
 from dam_lightning.modules.gam import GAMAdaptModule
 
-__all__ = ["PreflightReport", "StageCost", "run_preflight", "synthetic_data_config"]
+__all__ = [
+    "PreflightReport",
+    "StageCost",
+    "random_instead_of_missing_weights",
+    "run_preflight",
+    "synthetic_data_config",
+]
 
 WARMUP = 2  # steps per stage not timed: cuDNN autotuning, allocator growth, worker start-up
 DATASET_ROLES = ("source", "target", "target_val", "source_val", "target_test")
@@ -73,7 +80,10 @@ class PreflightReport:
 
     def table(self) -> str:
         """The report as the terminal shows it."""
-        head = f"{'stage':<18} {'s/step':>9} {'peak MiB':>9} {'loader it/s':>12} {'step it/s':>10} {'steps':>8}"
+        head = (
+            f"{'stage':<18} {'s/step':>9} {'peak MiB':>9} {'loader it/s':>12} "
+            f"{'step it/s':>10} {'steps':>8}"
+        )
         rows = [
             f"{s.stage:<18} {s.step_seconds:>9.4f} {_number(s.peak_memory_mib, 0):>9} "
             f"{_number(s.loader_items_per_second, 1):>12} {s.step_items_per_second:>10.1f} "
@@ -81,8 +91,12 @@ class PreflightReport:
             for s in self.stages
         ]
         total = "unknown" if self.estimated_seconds is None else _duration(self.estimated_seconds)
-        lines = [f"preflight on {self.device}, {self.precision}:", head, *rows,
-                 f"bottleneck: {self.bottleneck}; estimated run time: {total}"]  # fmt: skip
+        lines = [
+            f"preflight on {self.device}, {self.precision}:",
+            head,
+            *rows,
+            f"bottleneck: {self.bottleneck}; estimated run time: {total}",
+        ]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -95,7 +109,7 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
-# ---- synthetic data: the config's datasets, not on disk yet ---------------------------------------
+# ---- synthetic data: the config's datasets, not on disk yet --------------------------------
 
 
 def synthetic_data_config(data, steps: int) -> list[str]:
@@ -113,8 +127,7 @@ def synthetic_data_config(data, steps: int) -> list[str]:
             continue
         transform = init.get("transform")
         transform = transform.as_dict() if isinstance(transform, Namespace) else transform
-        labelled = init.get("labelled")
-        labelled = init.get("split") != "test" if labelled is None else labelled
+        labelled = _labelled(entry.class_path, init)
         batch = data.get("batch_size") or 1
         data[role] = Namespace(
             class_path="dam_lightning.data.synthetic.SyntheticLike",
@@ -122,14 +135,41 @@ def synthetic_data_config(data, steps: int) -> list[str]:
                 like=entry.class_path,
                 shape=synthetic_item_shape(entry.class_path, transform),
                 length=4 * batch * (WARMUP + steps + 1),
-                labelled=bool(labelled),
+                labelled=labelled,
             ),
         )
         replaced.append(role)
     return replaced
 
 
-# ---- measuring ------------------------------------------------------------------------------------
+def _labelled(class_path: str, init) -> bool:
+    """Whether the configured dataset yields labels: its ``labelled`` argument, else that
+    argument's default (None: Cityscapes' rule, every split but "test"); True for a class
+    without one (the digit sets)."""
+    parameter = inspect.signature(dataset_class(class_path)).parameters.get("labelled")
+    if parameter is None:
+        return True
+    labelled = init.get("labelled", parameter.default)
+    return init.get("split", "val") != "test" if labelled is None else bool(labelled)
+
+
+def random_instead_of_missing_weights(model) -> list[str]:
+    """Set to None, in the ``model`` section of a parsed config, the network's weight files
+    (``weights``, ``backbone_weights``) that do not exist yet: with ``--synthetic true`` the
+    cost is measured before anything is downloaded or trained, and random weights cost the same.
+    Returns a note per file."""
+    net = (model.get("init_args") or {}).get("net") if model is not None else None
+    init = net.get("init_args") if net is not None and hasattr(net, "get") else None
+    notes = []
+    for key in ("weights", "backbone_weights"):
+        path = init.get(key) if init is not None else None
+        if isinstance(path, str) and not os.path.exists(path):
+            init[key] = None
+            notes.append(f"{key}: {path} does not exist yet, random weights measured instead")
+    return notes
+
+
+# ---- measuring ----------------------------------------------------------------------------
 
 
 class _Device:
@@ -167,7 +207,9 @@ class _StepClock(L.Callback):
 
     def _end(self) -> None:
         self.device.sync()
-        self.batches.append((self._stage, time.perf_counter() - self._start, self.device.peak_mib()))
+        self.batches.append(
+            (self._stage, time.perf_counter() - self._start, self.device.peak_mib())
+        )
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         adapting = getattr(module, "adapting", False)
@@ -208,10 +250,18 @@ def _measuring_trainer(configured: L.Trainer, callbacks: list, folder: str, **li
     device = configured.strategy.root_device
     devices = [device.index or 0] if device.type == "cuda" else 1
     return L.Trainer(
-        accelerator=device.type, devices=devices, precision=configured.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=folder, callbacks=callbacks, **limits,
-    )  # fmt: skip
+        accelerator=device.type,
+        devices=devices,
+        precision=configured.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=folder,
+        callbacks=callbacks,
+        **limits,
+    )
 
 
 def _batch_size(batch) -> int:
@@ -246,8 +296,10 @@ def run_preflight(
     untimed ones) on ``configured``'s first device and precision, and estimate the run that
     ``configured`` would train."""
     device = _Device(configured.strategy.root_device)
-    notes = [f"one device, {WARMUP} warm-up + {steps} timed steps per stage; a multi-device run "
-             "adds gradient communication to each step"]  # fmt: skip
+    notes = [
+        f"one device, {WARMUP} warm-up + {steps} timed steps per stage; a multi-device run "
+        "adds gradient communication to each step"
+    ]
     clock = _StepClock(device)
     matching = [c for c in configured.callbacks if isinstance(c, GaussianMatching)]
     callbacks = [clock, *matching, _AfterMatching(clock)]
@@ -255,8 +307,9 @@ def run_preflight(
     counts = _steps_in_run(configured, model, datamodule, matching, synthetic)
     with tempfile.TemporaryDirectory() as folder:
         max_steps = _prepare_stages(model, budget, folder, notes)
-        _measuring_trainer(configured, callbacks, folder, max_steps=max_steps, max_epochs=-1,
-                           limit_val_batches=0).fit(model, datamodule=datamodule)  # fmt: skip
+        _measuring_trainer(
+            configured, callbacks, folder, max_steps=max_steps, max_epochs=-1, limit_val_batches=0
+        ).fit(model, datamodule=datamodule)
         _measuring_trainer(configured, [clock], folder, limit_val_batches=budget).validate(
             model, datamodule=datamodule, verbose=False
         )
@@ -297,20 +350,26 @@ def _stage_costs(
         peaks = [p for _, _, p in timed if p is not None]
         items = _items_per_step(datamodule, name)
         loader = None if synthetic else _stage_loader_rate(datamodule, name, steps)
-        stages.append(StageCost(name, seconds, max(peaks) if peaks else None, loader,
-                                items / seconds))  # fmt: skip
+        stages.append(
+            StageCost(name, seconds, max(peaks) if peaks else None, loader, items / seconds)
+        )
     if clock.matching:
         seconds, peak = clock.matching[0]
         items = _items_per_step(datamodule, "gam") * calibration_batches
-        stages.insert(-1 if stages[-1].stage == "validation" else len(stages),
-                      StageCost("gaussian_matching", seconds, peak, None, items / seconds))  # fmt: skip
+        stages.insert(
+            -1 if stages[-1].stage == "validation" else len(stages),
+            StageCost("gaussian_matching", seconds, peak, None, items / seconds),
+        )
     return stages
 
 
 def _items_per_step(datamodule, stage: str) -> int:
     sizes = datamodule.batch_sizes
-    return {"source": sizes["source"], "gam": sizes["source"] + sizes["target"],
-            "validation": sizes["eval"]}[stage]  # fmt: skip
+    return {
+        "source": sizes["source"],
+        "gam": sizes["source"] + sizes["target"],
+        "validation": sizes["eval"],
+    }[stage]
 
 
 def _stage_loader_rate(datamodule, stage: str, steps: int) -> float:
@@ -324,7 +383,7 @@ def _stage_loader_rate(datamodule, stage: str, steps: int) -> float:
     return _loader_items_per_second(loaders, batches, parallel=datamodule.num_workers > 0)
 
 
-# ---- the estimate -------------------------------------------------------------------------------
+# ---- the estimate -------------------------------------------------------------------------
 
 
 def _steps_in_run(configured, model, datamodule, matching, synthetic) -> dict[str, int]:
@@ -387,5 +446,11 @@ def _report(stages: list[StageCost], device: _Device, precision: str, notes) -> 
     training = [s for s in stages if s.stage in ("source", "gam")]
     longest = max(training, key=lambda s: s.step_seconds * (s.steps_in_run or 1))
     name = torch.cuda.get_device_name(device.device) if device.cuda else "CPU"
-    return PreflightReport(stages, f"{longest.bottleneck} ({longest.stage})", estimated,
-                           f"{device.device} ({name})", str(precision), notes)  # fmt: skip
+    return PreflightReport(
+        stages,
+        f"{longest.bottleneck} ({longest.stage})",
+        estimated,
+        f"{device.device} ({name})",
+        str(precision),
+        notes,
+    )

@@ -16,18 +16,21 @@ from dam_lightning.data.labels import DatasetInfo
 from dam_lightning.data.transforms import SegmentationTransform
 from dam_lightning.errors import ConfigError
 
-__all__ = ["SyntheticLike", "synthetic_item_shape"]
+__all__ = ["SyntheticLike", "dataset_class", "synthetic_item_shape"]
 
 DIGIT_SHAPE = (1, 28, 28)  # every DigitDataset item (digits.py checks it)
 DISTINCT_ITEMS = 4  # items are cycled: making one costs time the real loader is not charged
 
 
-def _dataset_class(class_path: str) -> type:
+def dataset_class(class_path: str) -> type:
+    """The dataset class a config's ``class_path`` names."""
     module, _, name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"synthetic data: cannot import the dataset class {class_path!r}") from None
+        raise ConfigError(
+            f"synthetic data: cannot import the dataset class {class_path!r}"
+        ) from None
 
 
 def synthetic_item_shape(class_path: str, transform: dict | None = None) -> tuple[int, ...]:
@@ -41,7 +44,7 @@ def synthetic_item_shape(class_path: str, transform: dict | None = None) -> tupl
         >>> synthetic_item_shape("dam_lightning.data.MNIST")
         (1, 28, 28)
     """
-    info = dataset_info(_dataset_class(class_path), None)
+    info = dataset_info(dataset_class(class_path), None)
     if info is None:
         raise ConfigError(
             f"synthetic data: {class_path} declares no DatasetInfo, so its items' shape and "
@@ -74,7 +77,7 @@ class SyntheticLike(InfoAttributes, Dataset):
         >>> ds = SyntheticLike("dam_lightning.data.GTA5", (3, 8, 16), length=5)
         >>> x, y = ds[4]
         >>> len(ds), tuple(x.shape), y.dtype, ds.num_classes
-        (5, (3, 8, 16), torch.int64, 19)
+        (5, (3, 8, 16), torch.uint8, 19)
     """
 
     def __init__(
@@ -86,11 +89,13 @@ class SyntheticLike(InfoAttributes, Dataset):
         seed: int = 0,
     ):
         self.like, self.shape, self.length, self.labelled = like, tuple(shape), length, labelled
-        self.info: DatasetInfo = dataset_info(_dataset_class(like))
+        self.info: DatasetInfo = dataset_info(dataset_class(like))
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(DISTINCT_ITEMS, *self.shape, generator=g)
         label_shape = (DISTINCT_ITEMS, *self.shape[1:]) if self.task == "segmentation" else (4,)
-        self.labels = torch.randint(0, self.num_classes, label_shape, generator=g)
+        # uint8 segmentation masks, as the real sets deliver them (int64 on the device)
+        dtype = torch.uint8 if self.task == "segmentation" else torch.int64
+        self.labels = torch.randint(0, self.num_classes, label_shape, generator=g, dtype=dtype)
 
     @property
     def name(self) -> str:

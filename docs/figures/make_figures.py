@@ -1,7 +1,8 @@
-"""Figures for the docs: sample images of each digit domain, and of the digit-scene domains.
+"""The figures of the docs, run from the repository root: sample images of each digit domain,
+and of the digit-scene domains.
 
-    python -m benchmarks.figures [--root ../shared/data/digits]
-    python -m benchmarks.figures --scenes [--root ../shared/data/digits]
+    python docs/figures/make_figures.py [--root ../shared/data/digits]
+    python docs/figures/make_figures.py --scenes [--root ../shared/data/digits]
 
 Writes docs/figures/digit_domains.png: one row per domain (SynDigits, UCIDigits, and MNIST and
 USPS test images when --root holds them), digits 0-9 from left to right. With --scenes, writes
