@@ -103,11 +103,11 @@ def one_calibration_batch(monkeypatch):
     monkeypatch.setattr(GaussianMatching, "__init__", one_batch)
 
 
-@pytest.mark.slow
 # seg_demo.yaml: the test above, on its own data
 SHIPPED = [c for c in CONFIGS if c.name not in OVERLAYS and c.name != "seg_demo.yaml"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.name)
 def test_preflight_runs_on_every_shipped_config(config, tmp_path, one_calibration_batch):
     report = _preflight(tmp_path, config, "--synthetic=true", *_small(config))
