@@ -160,7 +160,8 @@ def test_diagnose_without_a_source_network_is_one_clear_error(tmp_path, monkeypa
 @pytest.mark.parametrize("key", ["size", "train_augment", "crop_size"])
 def test_a_transform_setting_outside_transform_is_an_unknown_key_naming_it(key, tmp_path, capsys):
     """The transform settings moved into ``init_args.transform``; a config that still sets one
-    beside ``root`` fails with jsonargparse's unknown-key error, in one line naming the key."""
+    beside ``root`` fails with jsonargparse's unknown-key error, in one line naming the key and
+    its new place."""
     old = tmp_path / "old.yaml"
     old.write_text(f"data:\n  source:\n    init_args:\n      {key}: null\n")
     args = ["fit", "--config", str(REPO / "configs" / "gta_source.yaml"), "--config", str(old),
@@ -169,5 +170,6 @@ def test_a_transform_setting_outside_transform_is_an_unknown_key_naming_it(key, 
         main(args)
     assert exit_info.value.code != 0
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1] == f"error: data.source: Option '{key}' is not accepted", lines[-5:]
+    assert lines[-1].startswith(f"error: data.source: Option '{key}' is not accepted"), lines
+    assert f"did you mean 'transform.{key}'" in lines[-1], lines[-1]  # where the key went
     assert not any("Traceback" in line for line in lines)

@@ -62,8 +62,9 @@ class _SquaredDistance(torch.autograd.Function):
     def forward(ctx, scales: list[float], *tensors: Tensor) -> Tensor:
         half = len(tensors) // 2
         diffs = torch._foreach_sub(tensors[:half], tensors[half:])
-        squares = torch.stack(torch._foreach_norm(diffs)).square()
-        value = (squares * squares.new_tensor(scales)).sum()
+        norms = torch._foreach_norm(diffs)
+        # the scales as foreach scalars: no host-to-device copy (a sync on CUDA) per step
+        value = torch.stack(torch._foreach_mul(torch._foreach_mul(norms, norms), scales)).sum()
         ctx.scales = scales
         ctx.diffs = diffs  # intermediates, not inputs: kept on ctx (unpacking saved tensors costs
         return value  # a detach per tensor)
