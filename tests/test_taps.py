@@ -37,3 +37,24 @@ def test_wrong_layer_name_lists_the_valid_names():
 def test_duplicate_layer_names_are_refused():
     with pytest.raises(ValueError, match="unique"):
         ActivationTaps(LeNet(10), ["fc3", "fc3"])
+
+
+@pytest.mark.parametrize("how", ["wrapper", "in place", "a part", "after the taps"])
+def test_a_compiled_network_is_refused_with_the_reason(how):
+    """torch.compile is refused (issue 18, item 6): its graph keeps neither the layer names nor
+    hooks added after tracing, so GAM would match wrong activations or none. Nothing compiles
+    here: torch.compile is lazy, and the refusal comes before any forward."""
+    net = LeNet(10)
+    if how == "wrapper":
+        net = torch.compile(net)
+    elif how == "in place":
+        net.compile()
+    elif how == "a part":
+        net.fc3 = torch.compile(net.fc3)
+    taps = None
+    with pytest.raises(ValueError, match="torch.compile is not supported") as error:
+        taps = ActivationTaps(net, ["fc4"])
+        net.compile()
+        taps(torch.zeros(2, 1, 28, 28))
+    assert ("fc3 is compiled" in str(error.value)) == (how == "a part")
+    assert (taps is not None) == (how == "after the taps")

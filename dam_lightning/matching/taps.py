@@ -63,6 +63,7 @@ class ActivationTaps:
         self.layers = list(layers)
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layer names must be unique, got {self.layers}")
+        refuse_compiled(net)
         for name in self.layers:  # a wrong name fails here, with the valid names
             resolve_layer(net, name)
         self._captured: dict[str, Tensor] = {}
@@ -76,6 +77,8 @@ class ActivationTaps:
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
         """Run the network on ``x`` and return the tapped activations."""
         self._captured = {}
+        if _compiled(self.net):  # compiled after the taps were built
+            refuse_compiled(self.net)
         modules = {name: _layer(self.net, name) for name in self.layers}  # the ones that run now
         with forward_hooks(modules, self._hook):
             self.net(x)
@@ -96,3 +99,33 @@ def _layer(net: nn.Module, name: str) -> nn.Module:
         return net.get_submodule(name)
     except AttributeError:  # "output" on a network without a submodule of that name
         return net
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile(m)``'s wrapper or was compiled in place
+    (``m.compile()``)."""
+    wrapper = type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+    return wrapper or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def refuse_compiled(net: nn.Module) -> None:
+    """Refuse a network of which any part went through ``torch.compile``: taps are forward hooks
+    on named layers, and a compiled graph neither keeps the layers' names (``_orig_mod.``) nor
+    runs a hook added after it was traced; GAM would match the wrong activations or none.
+
+    Example:
+        >>> import torch
+        >>> refuse_compiled(torch.nn.Linear(2, 2))  # a plain network passes
+        >>> refuse_compiled(torch.compile(torch.nn.Linear(2, 2)))
+        Traceback (most recent call last):
+        ...
+        dam_lightning.errors.ConfigError: torch.compile is not supported for a network GAM taps: ...
+    """
+    found = next((name or "the network" for name, m in net.named_modules() if _compiled(m)), None)
+    if found is not None:
+        raise ConfigError(
+            f"torch.compile is not supported for a network GAM taps: {found} is compiled, and "
+            "the activation taps are forward hooks on named layers, which a compiled graph does "
+            "not keep. Pass the network uncompiled (GPU speed comes from precision: bf16-mixed, "
+            "benchmark: true and the networks' channels_last option)"
+        )
