@@ -122,3 +122,14 @@ def test_bad_arguments_are_refused_with_the_argument_named(uci, kwargs, message)
 def test_split_indices_do_not_depend_on_the_scene_seed():
     assert np.array_equal(split_indices(100, "test", 0), split_indices(100, "test", 0))
     assert not np.array_equal(split_indices(100, "test", 0), split_indices(100, "test", 1))
+
+
+def test_predictions_of_scenes_are_named_after_their_set_not_a_bare_index():
+    """``predict`` on the segmentation demo names its PNGs by split, appearance and index
+    (issue 22: ``000000.png`` said nothing), through a Subset as the loaders give them."""
+    from torch.utils.data import Subset
+
+    from dam_lightning.callbacks.predictions import _DatasetView
+
+    scenes = DigitScenes(UCIDigits(), num_scenes=4, split="test", appearance="camera")
+    assert _DatasetView(Subset(scenes, [3, 1])).item_name(0) == "test_camera_00003"

@@ -117,6 +117,18 @@ class DigitScenes(InfoAttributes, Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def item_name(self, index: int) -> str:
+        """The name ``predict`` writes scene ``index`` under: split, appearance and index, so
+        the files of two demo sets never collide (a scene has no file of its own to be named
+        after).
+
+        Example:
+            >>> from dam_lightning.data import UCIDigits
+            >>> DigitScenes(UCIDigits(), num_scenes=2, split="test").item_name(1)
+            'test_render_00001'
+        """
+        return f"{self.split}_{self.appearance}_{index:05d}"
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index].long()
 
