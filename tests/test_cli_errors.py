@@ -376,3 +376,14 @@ def test_a_size_mismatch_names_the_option_the_user_types(gta_roots, capsys):
         "pass --data.source.init_args.size_mismatch resize to resize such labels with nearest "
         "neighbour, or --data.source.init_args.size_mismatch skip to drop those pairs"
     )
+
+
+def test_a_missing_test_file_under_the_reduced_protocol_does_not_recommend_it(tmp_path, capsys):
+    """The reduced overlay reads only test files: a missing one must not be told to add it."""
+    args = [
+        "fit", "--config", str(REPO / "configs" / "mnist_usps_source.yaml"),
+        "--config", str(REPO / "configs" / "digits_reduced.yaml"),
+        f"--data.source.init_args.root={tmp_path}", "--data.source.init_args.download=false",
+    ]  # fmt: skip
+    line = _error(args, capsys)
+    assert line.startswith("error: MNIST test files") and "digits_reduced" not in line, line

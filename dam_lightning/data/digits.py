@@ -220,9 +220,11 @@ def _missing_digits(name, split, folders, files, place, failure) -> str:
         f"not in any of: {looked}, and {why}. Get {'them' if plural else 'it'} (download=True, "
         f"in a config `download: true`, with internet; or copy into {place}), or point the "
         "dataset's root (data.<source|target|source_val>.init_args.root) at the folder that "
-        "has them. With only the MNIST and USPS test files, add --config "
-        "configs/digits_reduced.yaml"
-    )
+        "has them"
+        # the reduced protocol reads only test files: no help when a test file is missing
+        + ("" if split == "test" else ". With only the MNIST and USPS test files, add --config "
+           "configs/digits_reduced.yaml")
+    )  # fmt: skip
 
 
 def _download_mnist(folder: Path, split: str) -> str | None:
