@@ -260,6 +260,8 @@ def _in_a_fresh_clone(path: str) -> bool:
 
 def _needs(command: DocCommand, config: dict) -> list[str]:
     """The files and folders a dam_lightning command reads that a fresh clone lacks."""
+    if config.get("synthetic"):  # preflight --synthetic true: stand-ins for the data and weights
+        return []
     needs = [root for _, root in _walk(config.get("data", {}), {"root"})]
     needs += [path for _, path in _walk(config.get("model", {}), set(WEIGHT_KEYS))]
     ckpt = config.get("ckpt_path")

@@ -91,8 +91,11 @@ class EvaluatingModule(L.LightningModule):
         """Whether this training batch may read values back from the device (a sync that
         stalls a GPU's queue): when Lightning writes logs (every ``log_every_n_steps`` batches),
         at an epoch's last batch and near ``max_steps`` (within one optimiser step per
-        optimiser: the fit's last batch among them); the same answer on every DDP rank."""
-        trainer = self.trainer
+        optimiser: the fit's last batch among them); the same answer on every DDP rank.
+        Outside a Trainer (a step called by hand) every step reads back."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
         epoch_ends = isinstance(trainer.num_training_batches, int) and (
             batch_idx + 1 >= trainer.num_training_batches
         )
