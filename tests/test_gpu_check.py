@@ -32,7 +32,8 @@ runpy.run_module("benchmarks.gpu_check", run_name="__main__")
 def test_gpu_check_small_passes_on_the_cpu_without_jsonargparse_and_wandb(tmp_path):
     report = tmp_path / "gpu.md"
     done = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT_JSONARGPARSE_AND_WANDB, "--small", "--out", str(report)],
+        [sys.executable, "-c", RUN_WITHOUT_JSONARGPARSE_AND_WANDB, "--small", "--steps", "1",
+         "--out", str(report)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

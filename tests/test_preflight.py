@@ -92,13 +92,13 @@ def test_preflight_times_every_stage_of_the_segmentation_demo(tmp_path, capsys):
 
 @pytest.fixture
 def one_calibration_batch(monkeypatch):
-    """Gaussian matching on one calibration batch: the configs' 10 cost a minute of CPU per
-    config here, and the matching's cost is not what this test checks."""
+    """Gaussian matching on one calibration batch in one pass: the configs' 10 batches, layer
+    by layer, cost a minute of CPU per config here, and its cost is not what this test checks."""
     init = GaussianMatching.__init__
 
     def one_batch(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.calibration_batches = 1
+        self.calibration_batches, self.mode = 1, "one_pass"
 
     monkeypatch.setattr(GaussianMatching, "__init__", one_batch)
 
