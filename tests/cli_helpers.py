@@ -1,11 +1,25 @@
-"""Classes that CLI tests name by class_path to provoke a bad input (not collected by pytest)."""
+"""What CLI tests share (not collected by pytest): ``print_config``, and classes they name by
+class_path to provoke a bad input."""
 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
+import yaml
 
+from dam_lightning.cli import main
 from dam_lightning.data import SynDigits
+
+
+def print_config(args: list[str], capsys) -> dict:
+    """The config the CLI resolves for ``args`` (``--print_config``), as a dict."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err[-2000:]
+    return yaml.safe_load(captured.out)
 
 
 class OneBasedDigits(SynDigits):

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dam_lightning.cli import DamCLI, main
 
+from .cli_helpers import print_config
 from .conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -228,15 +228,6 @@ def _runnable_args(command: DocCommand) -> list[str]:
     return args
 
 
-def _print_config(args: list[str], capsys) -> dict:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err[-2000:]
-    return yaml.safe_load(captured.out)
-
-
 def _walk(node, keys):
     """Every (key, value) under ``node`` whose key is in ``keys``."""
     if isinstance(node, dict):
@@ -282,7 +273,7 @@ def _products(command: DocCommand, capsys) -> tuple[set[str], set[str]]:
         return set(), set()
     key = tuple(_runnable_args(command))
     if key not in _PRINTED:
-        _PRINTED[key] = _print_config(list(key), capsys)
+        _PRINTED[key] = print_config(list(key), capsys)
     config = _PRINTED[key]
     trainer = config["trainer"]
     files = {
@@ -342,7 +333,7 @@ def test_every_dam_lightning_command_parses_and_says_what_it_needs_first(
     for i, arg in enumerate(args[:-1]):
         if arg == "--config":
             assert (REPO / args[i + 1]).is_file(), f"{command}: {args[i + 1]} does not exist"
-    config = _PRINTED[tuple(args)] = _print_config(args, capsys)
+    config = _PRINTED[tuple(args)] = print_config(args, capsys)
     unsaid = [
         need
         for need in _needs(command, config)

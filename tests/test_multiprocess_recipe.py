@@ -25,6 +25,7 @@ from dam_lightning.data import DomainAdaptationDataModule, SynDigits
 from dam_lightning.models import ERFNet
 from dam_lightning.modules import GAMAdaptModule
 
+from .cli_helpers import print_config
 from .conftest import REPO
 
 DOC = REPO / "docs" / "configuration.md"
@@ -33,15 +34,6 @@ DOC = REPO / "docs" / "configuration.md"
 def _section() -> str:
     text = DOC.read_text()
     return text.split("## Several processes and nodes\n", 1)[1].split("\n## ", 1)[0]
-
-
-def _print_config(args: list[str], capsys) -> dict:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--print_config"])
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err[-2000:]
-    return yaml.safe_load(captured.out)
 
 
 def _trainer_of(args: list[str], monkeypatch, tmp_path) -> DamTrainer:
@@ -88,7 +80,7 @@ def test_the_overlay_timeout_and_flavour_reach_the_strategy(tmp_path, monkeypatc
 
 
 def test_with_strategy_auto_the_cli_chooses_the_flavour_gam_needs(tmp_path, monkeypatch, capsys):
-    gta = _print_config(["fit", "--config", str(REPO / "configs" / "gta.yaml")], capsys)
+    gta = print_config(["fit", "--config", str(REPO / "configs" / "gta.yaml")], capsys)
     assert gta["trainer"]["strategy"] == "auto"  # what the shipped configs leave it at
     trainer = _trainer_of(
         ["--config", "configs/demo.yaml", "--trainer.accelerator=cpu", "--trainer.devices=2"],
@@ -107,13 +99,13 @@ def test_the_recipe_commands_parse_and_sync_batchnorm_reaches_the_trainer(
         ["fit", "--config", "configs/gta_source.yaml"], ["fit", "--config", "configs/gta.yaml"]
     ]  # fmt: skip
     monkeypatch.chdir(REPO)
-    stage1, gam = (_print_config(args, capsys) for args in recipe)
+    stage1, gam = (print_config(args, capsys) for args in recipe)
     assert stage1["trainer"]["sync_batchnorm"] is True
     for config in (stage1, gam):
         assert config["trainer"]["strategy"]["init_args"]["find_unused_parameters"] is True
         assert config["trainer"]["strategy"]["init_args"]["timeout"] == "0:10:00"
     assert gam["model"]["init_args"]["freeze_target_batchnorm"] is True
-    raised = _print_config(
+    raised = print_config(
         [*recipe[1], "--trainer.strategy.init_args.timeout", "0:30:00"], capsys
     )  # the page's way to raise the timeout
     assert raised["trainer"]["strategy"]["init_args"]["timeout"] == "0:30:00"
