@@ -137,8 +137,8 @@ def main(argv=None) -> None:
                  forward_seconds(lenet, source), "lenet"))  # fmt: skip
     notes.append(
         f"LeNet trained for {args.source_steps} steps on the MNIST test images ({train_s:.0f} s, "
-        "not timed); LeNet recommendation: "
-        + ", ".join(f"{k}: {v}" for k, v in diagnosis.recommendation.items())
+        "not timed); LeNet A-distance after Gaussian matching: "
+        + ", ".join(f"{row.name}: {row.a_distance_after:.2f}" for row in diagnosis.layers)
     )
 
     scenes = DomainAdaptationDataModule(

@@ -35,8 +35,8 @@ SUBCOMMANDS = {
     "(fractions).",
     "predict": "Write a checkpoint's predictions (a CSV for digits, PNGs for segmentation).",
     "diagnose": "Measure, for every candidate layer of the source network, how far source and "
-    "target activations are apart, before and after Gaussian matching, and suggest the layers "
-    "to match.",
+    "target activations are apart, before and after Gaussian matching (a diagnostic: it does "
+    "not choose the layers to match).",
     "preflight": "Run a few steps of every stage of the config on this machine and print, per "
     "stage, seconds per step, peak memory and the bottleneck, and the estimated time of the "
     "whole run; writes preflight.json.",

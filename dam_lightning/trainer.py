@@ -43,7 +43,8 @@ class DamTrainer(L.Trainer):
         """Measure, for every candidate layer of the source network, the Gaussian gap and how
         well a small classifier tells source from target activations, before and after
         Gaussian matching; write ``diagnose.md``, ``diagnose.json``, ``gap_by_layer.png`` and
-        ``histograms.png`` into the run folder, print the table and a ``layers:`` snippet.
+        ``histograms.png`` into the run folder, print the table. The gaps do not choose the
+        layers GAM matches (``dam_lightning.diagnosis.result.PURPOSE``).
 
         Args:
             model: a ``SourceModule`` or ``GAMAdaptModule`` config; its (source) network is

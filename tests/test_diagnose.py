@@ -1,7 +1,7 @@
 """The diagnosis engine: gaps checked against statistics computed here with plain hooks and
 ``torch.std_mean``; the domain classifier at chance on identical data and near 1 on grossly
-different data; gaps gone after Gaussian matching; the outputs; the recommendation rule; LeNet
-(vector and map layers) and a tiny ERFNet."""
+different data; gaps gone after Gaussian matching; the outputs (the gaps, and no layer
+recommendation); LeNet (vector and map layers) and a tiny ERFNet."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dam_lightning.diagnosis import (
     diagnose,
     diagnose_datamodule,
     discriminability,
-    recommend_layers,
 )
 from dam_lightning.diagnosis.discriminability import holdout_split
 from dam_lightning.matching import foldable_layers, gaussian_match
@@ -172,7 +171,6 @@ def test_the_network_output_is_added_when_no_foldable_layer_produces_it():
     diagnosis = diagnose(net, source, [x + 1 for x in source], progress=False)
     assert [row.name for row in diagnosis.layers] == ["0", "output"]
     assert diagnosis.output_layer == "output"
-    assert "output" in diagnosis.recommendation
 
 
 def test_the_source_network_is_left_as_it_was(lenet):
@@ -229,17 +227,18 @@ def test_outputs_are_written(lenet_diagnosis, tmp_path):
     markdown = (tmp_path / "diagnose" / "diagnose.md").read_text()
     for row in diagnosis.layers:
         assert f"| {row.depth} | " in markdown and row.name in markdown
-    assert "layers:\n  " in markdown
+    assert "layers:" not in markdown and "recommend" not in markdown.lower()
     data = json.loads((tmp_path / "diagnose" / "diagnose.json").read_text())
     assert [row["name"] for row in data["layers"]] == [r.name for r in diagnosis.layers]
-    assert data["recommendation"]["layers"] == diagnosis.recommendation
+    assert not [key for key in data if "recommend" in key]
+    assert "bands" not in data["settings"] and "min_a_distance" not in data["settings"]
     assert data["layers"][0]["a_distance_after"] == diagnosis.layers[0].a_distance_after
     for picture in ("gap_by_layer.png", "histograms.png"):
         assert (tmp_path / "diagnose" / picture).read_bytes().startswith(PNG_SIGNATURE)
     assert not [p for p in (tmp_path / "diagnose").iterdir() if p.name.startswith(".tmp")]
 
 
-def _fake_diagnosis(names: list[str], recommended: list[str]):
+def _fake_diagnosis(names: list[str]):
     from types import SimpleNamespace
 
     rows = [
@@ -248,7 +247,7 @@ def _fake_diagnosis(names: list[str], recommended: list[str]):
                         a_distance_after=1.0)  # fmt: skip
         for depth, name in enumerate(names)
     ]
-    return SimpleNamespace(layers=rows, recommendation=recommended, settings={"network": "net"})
+    return SimpleNamespace(layers=rows, settings={"network": "net"})
 
 
 def test_gap_by_layer_names_every_layer_of_a_small_network_on_its_x_axis(lenet_diagnosis):
@@ -261,66 +260,38 @@ def test_gap_by_layer_names_every_layer_of_a_small_network_on_its_x_axis(lenet_d
     assert list(axes.get_xticks()) == [row.depth for row in diagnosis.layers]
 
 
-def test_gap_by_layer_names_one_layer_in_k_of_erfnet_and_always_the_recommended():
+def test_gap_by_layer_names_one_layer_in_k_of_erfnet():
     from dam_lightning.diagnosis.figures import NAMED_TICKS, plot_gap_by_layer
 
     names = foldable_layers(ERFNet(19, width=0.25))
     assert len(names) == 113
-    recommended = [names[31], names[77]]  # not on the one-in-3 grid
-    axes = plot_gap_by_layer(_fake_diagnosis(names, recommended)).axes[-1]
+    figure = plot_gap_by_layer(_fake_diagnosis(names))
+    axes = figure.axes[-1]
     ticks = [label.get_text() for label in axes.get_xticklabels()]
-    assert len(ticks) <= NAMED_TICKS + len(recommended) and ticks[0] == names[0]
-    assert set(recommended) <= set(ticks) and set(ticks) <= set(names)
-    assert ticks == [name for name in names if name in ticks]  # in network order
+    assert len(ticks) <= NAMED_TICKS and ticks == names[::3]  # in network order
+    assert all(not ax.collections for ax in figure.axes)  # no markers on any layer
     assert all(label.get_rotation() == 90 for label in axes.get_xticklabels())  # upright
     assert "one in 3 named" in axes.get_xlabel()
 
 
-def test_report_prints_the_table_and_a_pasteable_yaml_snippet(lenet_diagnosis):
-    import yaml
+def test_report_prints_the_gaps_of_every_layer_and_no_layer_recommendation(lenet_diagnosis):
+    from dam_lightning.diagnosis.result import PURPOSE
 
     diagnosis, _ = lenet_diagnosis
     report = diagnosis.report()
-    snippet = report[report.index("layers:") :]
-    assert yaml.safe_load(snippet) == {"layers": diagnosis.recommendation}
     assert report.count("\n| ") == len(diagnosis.layers)  # the rows below the header
-
-
-def test_recommendation_rule_on_a_constructed_case():
-    a = {"l1": 0.9, "l2": 1.5, "l3": 0.1, "l4": 0.15, "l5": 0.6, "l6": 0.8, "out": 0.4}
-    order = list(a)
-    # Bands of l1..l6: [l1, l2], [l3, l4], [l5, l6]; the best of the middle band (0.15) is
-    # below min_a_distance; weights are A / 1.5 (the highest chosen), the output keeps 1.0.
-    assert recommend_layers(a, order, "out", bands=3, min_a_distance=0.2) == {
-        "l2": 1.0,
-        "l6": 0.53,
-        "out": 1.0,
-    }
-    # One band: the single best layer; no band: the output alone (ADDA).
-    assert recommend_layers(a, order, "out", bands=1) == {"l2": 1.0, "out": 1.0}
-    assert recommend_layers(a, order, "out", bands=0) == {"out": 1.0}
-    # The output is kept even when nothing is left to close there; weights at least 0.1.
-    low = {"early": 2.0, "late": 0.1, "out": 0.0}
-    assert recommend_layers(low, list(low), "out", bands=2, min_a_distance=0.05) == {
-        "early": 1.0,
-        "late": 0.1,
-        "out": 1.0,
-    }
-    # More bands than layers: every layer is its own band.
-    assert recommend_layers(a, order, "out", bands=10, min_a_distance=0.5) == {
-        "l1": 0.6,
-        "l2": 1.0,
-        "l5": 0.4,
-        "l6": 0.53,
-        "out": 1.0,
-    }
-
-
-def test_diagnose_applies_the_rule_to_its_own_rows(lenet_diagnosis):
-    diagnosis, _ = lenet_diagnosis
-    a = {row.name: row.a_distance_after for row in diagnosis.layers}
-    expected = recommend_layers(a, list(a), diagnosis.output_layer, bands=3, min_a_distance=0.2)
-    assert diagnosis.recommendation == expected
+    lines = report.splitlines()
+    for row in diagnosis.layers:
+        [line] = [x for x in lines if x.startswith(f"| {row.depth} | {row.name} | ")]  # not bold
+        assert line.endswith(
+            f"| {row.mean_gap_before:.3f} | {row.std_gap_before:.3f} "
+            f"| {row.accuracy_before:.3f} | {row.a_distance_before:.3f} "
+            f"| {row.mean_gap_after:.3f} | {row.std_gap_after:.3f} "
+            f"| {row.accuracy_after:.3f} | {row.a_distance_after:.3f} |"
+        )
+    assert report.rstrip().endswith(PURPOSE) and "do not pick" in PURPOSE
+    assert "layers:" not in report and "recommend" not in report.lower()
+    assert not hasattr(diagnosis, "recommendation")
 
 
 def test_tiny_erfnet(tmp_path):
@@ -340,7 +311,6 @@ def test_tiny_erfnet(tmp_path):
     assert diagnosis.layer("encoder.initial_block.bn").a_distance_before > 1.5
     layers = list(dict.fromkeys(h.layer for h in diagnosis.histograms))
     assert layers == [names[0], names[len(names) // 2], names[-1]]
-    assert "decoder.output_conv" in diagnosis.recommendation
     diagnosis.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
 

@@ -139,11 +139,12 @@ def test_diagnose_through_the_cli_writes_the_table_the_json_and_both_figures(seg
     main(_args("diagnose", "gta.yaml", seg_roots, "gta5", f"--ckpt_path={source_ckpt}",
                "--calibration_batches=2"))  # fmt: skip
     out = capsys.readouterr().out
-    assert "layers:" in out  # the recommendation, ready to paste into a config
+    assert "A-dist GM |" in out and "do not pick" in out  # the gaps, and what they are for
+    assert "layers:" not in out and "recommend" not in out.lower()  # no layer recommendation
     folder = _only(list((seg_roots / "runs").rglob("diagnose.md"))).parent
     assert folder.name.startswith("diagnose-")
     rows = json.loads((folder / "diagnose.json").read_text())
-    assert rows  # one entry per analysed layer
+    assert rows["layers"] and "recommendation" not in rows  # one entry per analysed layer
     for figure in ("gap_by_layer.png", "histograms.png"):
         assert Image.open(folder / figure).size[0] > 100
 

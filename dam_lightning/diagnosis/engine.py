@@ -25,7 +25,6 @@ from dam_lightning.diagnosis.activations import (
     within_process,
 )
 from dam_lightning.diagnosis.discriminability import discriminability, holdout_split
-from dam_lightning.diagnosis.recommend import recommend_layers
 from dam_lightning.diagnosis.result import ChannelHistogram, Diagnosis, LayerDiagnosis
 from dam_lightning.errors import ConfigError
 from dam_lightning.matching.gaussian import foldable_layers, gaussian_match
@@ -46,8 +45,6 @@ def diagnose(
     histogram_layers: int | Sequence[str] = 4,
     histogram_channels: int = 3,
     histogram_values: int = 2000,
-    bands: int = 3,
-    min_a_distance: float = 0.2,
     probe: Literal["kernel", "linear"] = "kernel",
     seed: int = 0,
     progress: bool | None = None,
@@ -63,8 +60,8 @@ def diagnose(
     copy of F_s that ``gaussian_match`` corrected with the training part of each domain's
     images (so the held-out images stay unseen by every fitted step): what the adversarial stage
     is left to close. At a matched layer the gaps after matching are then 0 on the training part
-    and sampling noise on the held-out part. Then ``recommend_layers`` (``RULE``) picks the
-    layers to match.
+    and sampling noise on the held-out part. The figures show where a domain gap is left; they
+    do not choose GAM's layers (docs/configuration.md, "Before adapting: `diagnose`").
 
     Args:
         source_net: the trained source network; only read (its modes are restored).
@@ -83,16 +80,15 @@ def diagnose(
             std gap.
         histogram_values: values kept per channel of a histogram layer (random positions), so
             memory does not grow with the image size.
-        bands, min_a_distance: the recommendation rule's parameters (``recommend_layers``).
         probe: the domain classifier, ``discriminability``'s: ``"kernel"`` (logistic regression
             on an RBF kernel map of the pooled features) or ``"linear"`` (on the features:
             blind after matching at matched layers, where the features' means are equal).
         seed: seeds the held-out split and the sampled positions.
         progress: show a progress bar; ``None`` shows it only on a terminal.
 
-    The output layer of the recommendation is the diagnosed layer whose output is the
-    network's output (else the deepest one). Layers must run once per forward pass and return
-    one tensor with channels in dim 1.
+    The output layer is the diagnosed layer whose output is the network's output (else the
+    deepest one). Layers must run once per forward pass and return one tensor with channels in
+    dim 1.
 
     Example:
         >>> from dam_lightning.models import LeNet
@@ -105,7 +101,7 @@ def diagnose(
         >>> diagnosis.layer("conv1.0").a_distance_before, round(diagnosis.layer("fc4").mean_gap_after, 4)
         (2.0, 0.0)
     """  # noqa: E501
-    _check_options(holdout, histogram_channels, histogram_values, bands)
+    _check_options(holdout, histogram_channels, histogram_values)
     source_batches, target_batches = _checked_batches(source_batches, target_batches)
     for batches in (source_batches, target_batches):  # refuse too few images before any pass
         holdout_split(sum(len(x) for x in batches), holdout, seed)
@@ -163,10 +159,6 @@ def diagnose(
     finally:
         bar.close()
 
-    recommendation = recommend_layers(
-        {row.name: row.a_distance_after for row in rows}, order, output_layer, bands,
-        min_a_distance,
-    )  # fmt: skip
     settings = {
         "network": type(source_net).__name__,
         "source_images": sum(len(x) for x in source_batches),
@@ -176,14 +168,11 @@ def diagnose(
         "seed": seed,
         "batchnorm": batchnorm,
         "matched_layers": matched,
-        "bands": bands,
-        "min_a_distance": min_a_distance,
         "histogram_values": histogram_values,
     }
     return Diagnosis(
         layers=rows,
         output_layer=output_layer,
-        recommendation=recommendation,
         histograms=_largest_gaps(sampled, histogram_channels, source, target, after),
         settings=settings,
     )
@@ -283,13 +272,12 @@ class _OnDevice(Sequence):
         return self.batches[index].to(self.device)
 
 
-def _check_options(holdout, histogram_channels, histogram_values, bands) -> None:
+def _check_options(holdout, histogram_channels, histogram_values) -> None:
     if not 0 < holdout < 1:
         raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout}")
     for name, value, least in (
         ("histogram_channels", histogram_channels, 0),
         ("histogram_values", histogram_values, 1),
-        ("bands", bands, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")

@@ -17,8 +17,7 @@ NAMED_TICKS = 40  # up to this many layers the x axis names each, beyond it one 
 
 def plot_gap_by_layer(diagnosis) -> Figure:
     """Mean gap, std gap and A-distance against depth, before (solid) and after (dashed)
-    Gaussian matching; recommended layers marked on the A-distance panel; layers named on the
-    x axis (``_name_layers``)."""
+    Gaussian matching; layers named on the x axis (``_name_layers``)."""
     rows = diagnosis.layers
     depth = [row.depth for row in rows]
     figure = Figure(figsize=(max(6.0, min(16.0, 0.25 * len(rows) + 4)), 6.5), layout="constrained")
@@ -37,29 +36,20 @@ def plot_gap_by_layer(diagnosis) -> Figure:
         suffix = " after Gaussian matching" if when == "after" else ""
         distance_axes.plot(depth, values, style, marker="o", ms=3, color="tab:blue",
                            label=f"A-distance{suffix}")  # fmt: skip
-    recommended = [row for row in rows if row.name in diagnosis.recommendation]
-    distance_axes.scatter(
-        [row.depth for row in recommended],
-        [row.a_distance_after for row in recommended],
-        s=120, facecolors="none", edgecolors="black", zorder=3, label="recommended",
-    )  # fmt: skip
     distance_axes.axhline(0, color="grey", lw=0.5)
     distance_axes.set_ylim(min(-0.1, *(row.a_distance_after for row in rows)) - 0.05, 2.05)
     distance_axes.set_ylabel("proxy A-distance")
     distance_axes.legend(fontsize="small")
-    _name_layers(distance_axes, rows, {row.name for row in recommended})
+    _name_layers(distance_axes, rows)
     return figure
 
 
-def _name_layers(axes, rows, always: set[str]) -> None:
+def _name_layers(axes, rows) -> None:
     """Layer names on the x axis at their depths: all of them up to ``NAMED_TICKS`` layers,
-    beyond that one in k (and the layers in ``always``) so that ERFNet's 113 stay legible,
-    upright when many; the axis label says which are shown."""
+    beyond that one in k so that ERFNet's 113 stay legible, upright when many; the axis label
+    says which are shown."""
     step = max(1, math.ceil(len(rows) / NAMED_TICKS))
-    kept = {index for index, row in enumerate(rows) if row.name in always}
-    near_kept = {index + shift for index in kept for shift in range(1 - step, step)}
-    kept |= {index for index in range(0, len(rows), step) if index not in near_kept}
-    named = [rows[index] for index in sorted(kept)]
+    named = rows[::step]
     upright = len(named) > 12
     axes.set_xticks([row.depth for row in named], [row.name for row in named],
                     rotation=90 if upright else 45, ha="center" if upright else "right",
@@ -67,7 +57,7 @@ def _name_layers(axes, rows, always: set[str]) -> None:
     if step == 1:
         axes.set_xlabel("layer")
     else:
-        axes.set_xlabel(f"layer (one in {step} named, and the recommended; all: diagnose.md)")
+        axes.set_xlabel(f"layer (one in {step} named; all: diagnose.md)")
 
 
 def plot_histograms(diagnosis) -> Figure:

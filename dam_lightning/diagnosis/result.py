@@ -1,5 +1,5 @@
-"""The result of a diagnosis and its outputs: the per-layer table (Markdown), the JSON, the two
-figures and the recommendation as a YAML snippet, written atomically into one folder.
+"""The result of a diagnosis and its outputs: the per-layer table (Markdown), the JSON and the two
+figures, written atomically into one folder.
 
 It formats and writes what ``engine.diagnose`` measured; it measures nothing itself.
 """
@@ -13,14 +13,19 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import yaml
 from torch import Tensor
 
-from dam_lightning.diagnosis.recommend import RULE
 from dam_lightning.runs import atomic_write_bytes, atomic_write_text
 
 FILES = ("diagnose.md", "diagnose.json", "gap_by_layer.png", "histograms.png")
 """What ``Diagnosis.save`` writes, in that order."""
+
+PURPOSE = (
+    "The gaps show where Gaussian matching left a domain gap for the adversarial stage to close "
+    "(A-dist: 2 = separable, 0 = indistinguishable). They do not pick the layers to match: keep "
+    "the config's (the paper's); docs/configuration.md, \"Before adapting: `diagnose`\"."
+)
+"""The line that ends the printed report and ``diagnose.md``: what the gaps are for, and not."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +81,13 @@ class Diagnosis:
     Attributes:
         layers: one ``LayerDiagnosis`` per diagnosed layer, in depth order.
         output_layer: the layer whose output is the network's output.
-        recommendation: ``{layer: weight}`` by ``RULE``, ready for a config's ``layers``.
         histograms: the channels with the largest gap at a few layers, with sampled values.
-        settings: what it ran with (network, images per domain, holdout, seed, matching, rule
-            parameters), written into the JSON.
+        settings: what it ran with (network, images per domain, holdout, seed, matching),
+            written into the JSON.
     """
 
     layers: list[LayerDiagnosis]
     output_layer: str
-    recommendation: dict[str, float]
     histograms: list[ChannelHistogram] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
@@ -102,7 +105,6 @@ class Diagnosis:
                 "settings": self.settings,
                 "output_layer": self.output_layer,
                 "layers": [dataclasses.asdict(row) for row in self.layers],
-                "recommendation": {"layers": self.recommendation, "rule": RULE},
                 "histograms": [
                     {"layer": h.layer, "channel": h.channel, "gap": h.gap} for h in self.histograms
                 ],
@@ -113,10 +115,6 @@ class Diagnosis:
         """``to_dict`` as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
-    def recommendation_yaml(self) -> str:
-        """The recommendation as a YAML snippet for ``model.init_args`` of a GAM config."""
-        return yaml.safe_dump({"layers": self.recommendation}, sort_keys=False)
-
     def table(self) -> str:
         """The per-layer Markdown table."""
         header = (
@@ -125,9 +123,8 @@ class Diagnosis:
         )
         lines = [header, "|" + "---|" * 12]
         for row in self.layers:
-            name = f"**{row.name}**" if row.name in self.recommendation else row.name
             lines.append(
-                f"| {row.depth} | {name}{'' if row.matched else ' (not matched)'} | {row.kind} "
+                f"| {row.depth} | {row.name}{'' if row.matched else ' (not matched)'} | {row.kind} "
                 f"| {row.channels} | {row.mean_gap_before:.3f} | {row.std_gap_before:.3f} "
                 f"| {row.accuracy_before:.3f} | {row.a_distance_before:.3f} "
                 f"| {row.mean_gap_after:.3f} | {row.std_gap_after:.3f} "
@@ -136,11 +133,8 @@ class Diagnosis:
         return "\n".join(lines)
 
     def report(self) -> str:
-        """The table and the recommendation, as printed by the ``diagnose`` command."""
-        return (
-            f"{self.table()}\n\nRecommended layers (paste into model.init_args):\n\n"
-            f"{self.recommendation_yaml()}"
-        )
+        """The table and what its gaps are for (``PURPOSE``), as printed by ``diagnose``."""
+        return f"{self.table()}\n\n{PURPOSE}\n"
 
     def to_markdown(self) -> str:
         """The contents of ``diagnose.md``."""
@@ -157,21 +151,12 @@ class Diagnosis:
                 f"activations, scored on the {s.get('holdout', '?')} of each domain's images "
                 "it was not trained on; A-dist = 2 (1 - 2 err). GM: after Gaussian matching of "
                 "a copy of F_s fitted to the training part of the images (the held-out part "
-                "stays unseen), i.e. what the adversarial stage is left to close. Bold: "
-                "recommended. (not matched): a layer Gaussian matching does not correct "
-                "itself.",
+                "stays unseen), i.e. what the adversarial stage is left to close. (not matched): "
+                "a layer Gaussian matching does not correct itself.",
                 "",
                 self.table(),
                 "",
-                "## Recommended layers",
-                "",
-                "```yaml",
-                self.recommendation_yaml().rstrip("\n"),
-                "```",
-                "",
-                f"Rule (bands={s.get('bands')}, min_a_distance={s.get('min_a_distance')}):",
-                "",
-                RULE,
+                PURPOSE,
                 "",
                 "Figures: `gap_by_layer.png` (gaps and A-distance against depth, before and after "
                 "Gaussian matching), `histograms.png` (the channels with the largest gap: source, "
