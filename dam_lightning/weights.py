@@ -111,13 +111,10 @@ def python_objects_message(path: str, detail: str = "") -> str:
     found = re.search(r"GLOBAL ([\w.]+)", detail)
     what = f" ({found.group(1).rstrip('.')})" if found else ""
     out = os.path.splitext(path)[0] + "_weights.pt"
-    return (
-        f"{path} holds Python objects besides weights{what}, so it was not loaded and nothing "
-        "in it was executed: dam_lightning reads only tensors, numbers and strings "
-        "(torch.load with weights_only=True). If you trust the file, save its weights as a "
-        f"plain state dict and pass that: python -c \"import torch; torch.save(torch.load("
-        f"{path!r}, weights_only=False)['state_dict'], {out!r})\" (for a whole saved model, "
-        "write .state_dict() instead of ['state_dict'])"
+    return (  # the whole-model variant of the command is in docs/errors.md
+        f"{path} holds Python objects besides weights{what}: not loaded, nothing in it was "
+        "executed. If you trust the file, convert it to a state dict: python -c \"import torch; "
+        f"torch.save(torch.load({path!r}, weights_only=False)['state_dict'], {out!r})\""
     )
 
 

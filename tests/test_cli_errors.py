@@ -170,10 +170,10 @@ def test_missing_mnist_says_how_to_get_it_and_names_the_reduced_overlay(tmp_path
     line = _error(args, capsys)
     assert line.startswith(
         "error: MNIST train files train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
-        f"are not in any of: {tmp_path}, "
+        f"are not in {tmp_path} or its MNIST/raw, raw (download is off)"
     )
-    assert "download is off" in line and "download: true" in line
-    assert line.endswith("add --config configs/digits_reduced.yaml")
+    assert "(download is off)" in line and "download: true" in line and len(line) - len(f"error: {tmp_path}") <= 300, line
+    assert line.endswith("with test files only: --config configs/digits_reduced.yaml")
 
 
 def test_a_segmentation_root_pointing_nowhere_is_one_line(tmp_path, capsys):

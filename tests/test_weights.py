@@ -30,7 +30,7 @@ from .test_cli_errors import _demo, _error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OBJECTS = "holds Python objects besides weights (io.open), so it was not loaded and nothing in it"
+OBJECTS = "holds Python objects besides weights (io.open): not loaded, nothing in it"
 
 
 class _CreatesAFile:

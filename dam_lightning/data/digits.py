@@ -9,6 +9,7 @@ import bz2
 import functools
 import gzip
 import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -212,17 +213,19 @@ def _check_mnist(images: np.ndarray, labels: np.ndarray, image_file: Path, label
 def _missing_digits(name, split, folders, files, place, failure) -> str:
     """What to do when a digits split is not on disk: how to get it, and the reduced protocol
     for those who have only the test files."""
-    looked = ", ".join(str(f) for f in folders)
-    why = f"the download failed ({failure})" if failure else "download is off"
+    root = Path(folders[0])
+    inside = [os.path.relpath(f, root) for f in folders[1:]]  # root's subfolders, short
+    looked = f"{root}" + (f" or its {', '.join(inside)}" if inside else "")
+    place = f"into its {os.path.relpath(place, root)}" if Path(place) != root else "there"
+    failure = failure if not failure or len(failure) <= 90 else failure[:87] + "..."
+    why = f"the download failed: {failure}" if failure else "download is off"
     plural = " and " in files
     return (
         f"{name} {split} {'files' if plural else 'file'} {files} {'are' if plural else 'is'} "
-        f"not in any of: {looked}, and {why}. Get {'them' if plural else 'it'} (download=True, "
-        f"in a config `download: true`, with internet; or copy into {place}), or point the "
-        "dataset's root (data.<source|target|source_val>.init_args.root) at the folder that "
-        "has them"
+        f"not in {looked} ({why}). Set `download: true` (internet), copy "
+        f"{'them' if plural else 'it'} {place}, or set data.<source|target>.init_args.root"
         # the reduced protocol reads only test files: no help when a test file is missing
-        + ("" if split == "test" else ". With only the MNIST and USPS test files, add --config "
+        + ("" if split == "test" else "; with test files only: --config "
            "configs/digits_reduced.yaml")
     )  # fmt: skip
 

@@ -93,10 +93,9 @@ class SYNTHIA(SegmentationDataset):
         if png.bit_depth != 16:
             raise DataError(
                 f"{path} has bit depth {png.bit_depth} ({png.kind} PNG), but SYNTHIA's GT/LABELS "
-                "are 16-bit PNGs with the class id in the first channel: re-saved as 8 bits it "
-                "has lost them (a scaling conversion makes every id 0, all ignored). Restore the "
-                "file from the SYNTHIA-RAND-CITYSCAPES archive, and convert labels only with a "
-                "reader that keeps 16 bits (e.g. cv2.imread(path, cv2.IMREAD_UNCHANGED))"
+                "are 16-bit (class id in channel 0): an 8-bit copy has lost the ids. Restore it "
+                "from the SYNTHIA-RAND-CITYSCAPES archive; convert labels only with a 16-bit "
+                "reader (cv2.IMREAD_UNCHANGED)"
             )
         png.check_pixels(path)
         try:
