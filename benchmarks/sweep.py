@@ -10,8 +10,8 @@ file, its table, its column and its row, in that order (``args`` likewise), once
 key of ``seed_args`` set to the seed). With ``source`` configs, a stage-1 run of those configs
 (a SourceModule config: it writes ``checkpoints/source.ckpt``) goes first and its checkpoint
 becomes the run's ``model.init_args.source_weights``. The cell shows ``metric`` (percent) of the
-``stage`` row of the run's summary.json (default: its last row, the final network), mean ± std
-over the seeds; a column with ``text`` shows fixed text instead (the paper's figures).
+``stage`` row of the run's summary.json (default: its last row, the final network), less the
+``minus`` row's when given, mean ± std over the seeds; a ``text`` column shows fixed text.
 
 Runs go to ``<runs>/[<source's configs>/]<configs>/seed<N>/<date>_<time>/``, one thread each,
 ``--jobs`` at a time. A run whose folder holds its result (summary.json; stage 1: its checkpoint)
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shlex
 import statistics
@@ -103,14 +104,10 @@ def cell_runs(spec: dict, cell: dict) -> list[Run]:
     if "text" in cell:
         return []
     seed_args = tuple(spec.get("seed_args", ["seed_everything", "data.seed"]))
-    runs = []
-    for seed in cell.get("seeds", spec["seeds"]):
-        source = None
-        if cell.get("source"):
-            source = Run(tuple(cell["source"]), (), seed, seed_args, stage1=True)
-        args = tuple(cell.get("args", ()))
-        runs.append(Run(tuple(cell["configs"]), args, seed, seed_args, source))
-    return runs
+    args, source = tuple(cell.get("args", ())), tuple(cell.get("source", ()))
+    return [Run(tuple(cell["configs"]), args, seed, seed_args,
+                Run(source, (), seed, seed_args, stage1=True) if source else None)
+            for seed in cell.get("seeds", spec["seeds"])]  # fmt: skip
 
 
 def run_all(spec: dict, runs_root: Path, jobs: int, dry_run: bool = False) -> None:
@@ -139,19 +136,20 @@ def execute(run: Run, runs_root: Path) -> int:
     return done.returncode
 
 
-def value(run: Run, runs_root: Path, stage: str | None, metric: str) -> float | None:
-    """``metric`` (percent) of row ``stage`` (default: the last) of the run's summary.json."""
+def value(run: Run, runs_root: Path, stage: str | None, metric: str, minus: str | None = None):
+    """``metric`` (percent) of row ``stage`` (default: the last) of the run's summary.json,
+    less that of row ``minus`` when given (a stage's gain, e.g. GAM over Gaussian matching)."""
     folder = run.folder(runs_root)
     if folder is None:
         return None
     summary = json.loads((folder / "summary.json").read_text())
     row = summary[stage] if stage else list(summary.values())[-1]
-    return 100 * row[metric] if metric in row else None
+    base = summary[minus].get(metric, math.nan) if minus else 0.0
+    return 100 * (row[metric] - base) if metric in row else None
 
 
 def mean_std(values: list[float | None], expected: int) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    if not (values := [v for v in values if v is not None]):
         return "-"
     partial = "" if len(values) == expected else f" (n={len(values)})"
     if len(values) == 1:
@@ -171,6 +169,7 @@ def describe(level) -> str:
     parts = [f"`{options(level.get('configs', []), level.get('args', []))}`"]
     parts += [f"stage 1 `{options(level['source'])}`"] if level.get("source") else []
     parts += [f"summary row '{level['stage']}'"] if "stage" in level else []
+    parts += [f"less summary row '{level['minus']}'"] if "minus" in level else []
     parts += [f"{key} {level[key]}" for key in ("metric", "seeds") if key in level]
     return "; ".join(p for p in parts if p != "``") or "nothing more"
 
@@ -190,7 +189,8 @@ def table_lines(spec: dict, table: dict, runs_root: Path) -> list[str]:
                 continue
             runs = cell_runs(spec, cell)
             metric = cell.get("metric", "acc")
-            found = [value(run, runs_root, cell.get("stage"), metric) for run in runs]
+            stage, minus = cell.get("stage"), cell.get("minus")
+            found = [value(run, runs_root, stage, metric, minus) for run in runs]
             shown.append(mean_std(found, len(runs)))
             seeds = ", ".join(f"{r.seed}: " + ("-" if v is None else f"{v:.1f}")
                               for r, v in zip(runs, found, strict=True))  # fmt: skip

@@ -29,6 +29,20 @@ def test_discriminator_for_picks_mlp_for_vectors_and_patch_for_maps():
         discriminator_for((2, 3, 4))
 
 
+def test_patch_discriminator_width_and_depth_set_its_hidden_channels():
+    deep = discriminator_for((2, 11, 32, 32), patch_width=16, patch_depth=4)
+    convs = [m for m in deep.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [16, 32, 64, 128, 1]
+    assert deep(torch.zeros(2, 11, 32, 32)).shape == (2, 1, 4, 4)  # the fourth keeps 4x4
+
+
+def test_gam_refuses_a_discriminator_without_hidden_layers():
+    from dam_lightning.modules import GAMAdaptModule
+
+    with pytest.raises(ValueError, match="discriminator_depth must be >= 1, got 0"):
+        GAMAdaptModule(LeNet, discriminator_depth=0)
+
+
 def test_mlp_discriminator_has_the_papers_500_500_shape():
     d = MLPDiscriminator(10)
     linears = [m for m in d.modules() if isinstance(m, nn.Linear)]

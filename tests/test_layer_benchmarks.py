@@ -50,3 +50,15 @@ def test_the_seg_demo_table_has_a_row_per_stage_and_a_column_per_metric(tmp_path
     assert "| after GAM | 90.0 ± 0.0 | - | 52.0 ± 10.0 | - |" in text
     assert "| source only | 90.0 ± 0.0 | - | 50.0 ± 10.0 | - |" in text  # the same runs
     assert "data.target_val.init_args.seed set to the seed" in text
+
+
+def test_the_gam_sweep_shows_each_seeds_gain_of_gam_over_gaussian_matching(tmp_path):
+    spec = _spec("gam_sweep_seg_demo")
+    first = next(iter(spec["tables"][0]["rows"]))
+    for seed in spec["seeds"]:  # after GAM is 1 point above after Gaussian matching in each
+        _write(spec, tmp_path, first, seed, 0.10 + seed / 100)
+    text = sweep.tabulate(spec, tmp_path, "benchmarks/tables/gam_sweep_seg_demo.yaml")
+    assert f"| {first} | 22.0 ± 1.0 | 23.0 ± 1.0 | 1.0 ± 0.0 |" in text
+    assert f"| {first} | GAM - Gaussian | 10: 1.0, 11: 1.0, 12: 1.0 |" in text
+    assert "less summary row 'after Gaussian matching'" in text
+    assert "source_weights" in sweep.cell_runs(spec, sweep.merge(spec))[0].command(tmp_path)[-5]

@@ -85,16 +85,16 @@ class PatchDiscriminator(nn.Module):
 
 
 def discriminator_for(
-    activation_shape: torch.Size | tuple[int, ...], patch_width: int = 64
+    activation_shape: torch.Size | tuple[int, ...], patch_width: int = 64, patch_depth: int = 3
 ) -> nn.Module:
     """Build the discriminator that fits one tapped layer's activation shape (batch dim included):
-    an MLP for vectors (N, C), a patch discriminator of base width ``patch_width`` for maps
-    (N, C, H, W)."""
+    an MLP for vectors (N, C), a patch discriminator of base width ``patch_width`` and
+    ``patch_depth`` hidden convolutions for maps (N, C, H, W)."""
     if len(activation_shape) == 2:
         return MLPDiscriminator(activation_shape[1])
     if len(activation_shape) == 4:
         return PatchDiscriminator(
-            activation_shape[1], tuple(activation_shape[2:]), width=patch_width
+            activation_shape[1], tuple(activation_shape[2:]), width=patch_width, depth=patch_depth
         )
     raise ConfigError(
         f"no discriminator for activations of shape {tuple(activation_shape)}: tap a layer whose "

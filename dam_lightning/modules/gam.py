@@ -92,6 +92,8 @@ class GAMAdaptModule(EvaluatingModule):
             (64 -> 128 -> 256 channels at the default); the MLP discriminators of vector
             layers keep the paper's 500-500. A GAM step's cost over a source step grows with it
             (docs/results/segmentation_speed.md).
+        discriminator_depth: hidden convolutions of those patch discriminators (3: width, 2x,
+            4x channels; 4 adds 8x width, the depth of AdaptSegNet's output discriminator).
         freeze_target_batchnorm: keep F_t's BatchNorm layers in eval mode while adapting:
             their running statistics stay those of F_s after Gaussian matching (which folds its
             correction against them), their gamma/beta still train. Otherwise the 1-4 images
@@ -135,6 +137,7 @@ class GAMAdaptModule(EvaluatingModule):
         target_scheduler: LRSchedulerCallable | None = None,
         example_input_shape: tuple[int, ...] | None = None,
         discriminator_width: int = 64,
+        discriminator_depth: int = 3,
         freeze_target_batchnorm: bool = True,
         task: TaskName = "classification",
         class_names: Sequence[str] | None = None,
@@ -154,7 +157,9 @@ class GAMAdaptModule(EvaluatingModule):
         )
         self.automatic_optimization = False
         self.layers = dict({"fc3": 0.1, "fc4": 1.0} if layers is None else layers)
-        _check_settings(self.layers, adversarial_weight, drift_weight, source_steps)
+        _check_settings(
+            self.layers, adversarial_weight, drift_weight, source_steps, discriminator_depth
+        )
         self.source_net = net(num_classes)
         self.target_net = net(num_classes)
         # F_s trains in stage 1 only when this fit builds it; its gradients must be known to
@@ -178,7 +183,7 @@ class GAMAdaptModule(EvaluatingModule):
         self.gan = GANLoss(gan_loss)
         self.discriminators = nn.ModuleDict(
             {
-                _key(n): discriminator_for(s, discriminator_width)
+                _key(n): discriminator_for(s, discriminator_width, discriminator_depth)
                 for n, s in self._tap_shapes(example_input_shape).items()
             }
         )
@@ -593,7 +598,9 @@ def _key(layer: str) -> str:
     return layer.replace(".", "__")
 
 
-def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps) -> None:
+def _check_settings(
+    layers: dict, adversarial_weight, drift_weight, source_steps, discriminator_depth=3
+) -> None:
     """Refuse weights that are negative, NaN or inf, and negative step counts, at construction."""
     for name, value in [("adversarial_weight", adversarial_weight), ("drift_weight", drift_weight),
                         *((f"layers[{k!r}]", v) for k, v in layers.items())]:  # fmt: skip
@@ -601,6 +608,8 @@ def _check_settings(layers: dict, adversarial_weight, drift_weight, source_steps
             raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
     if source_steps < 0:
         raise ConfigError(f"source_steps must be >= 0, got {source_steps}")
+    if discriminator_depth < 1:
+        raise ConfigError(f"discriminator_depth must be >= 1, got {discriminator_depth}")
 
 
 def _last_checkpoint_text(trainer) -> str:
