@@ -3,7 +3,9 @@
 Counted with a dispatch mode: reads of a tensor's value on the host (``.item()``, ``bool()``,
 ``nonzero``) are the device-to-host syncs that stall a GPU's queue. The NaN/inf guard records
 the losses on the device and checks them on log steps, at an epoch's last batch and before
-every checkpoint, still naming the loss, the batch and the step where it first happened.
+every checkpoint, still naming the loss, the batch and the step where it first happened. The
+label-range check of source training does the same: a bad label is noted on the device, ignored
+by the loss, and reported (its value) at the next check.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dam_lightning.data import DomainAdaptationDataModule
-from dam_lightning.errors import TrainingStopped
+from dam_lightning.errors import ConfigError, TrainingStopped
 from dam_lightning.models import LeNet
-from dam_lightning.modules import GAMAdaptModule
+from dam_lightning.modules import GAMAdaptModule, SourceModule
 
 from .conftest import quiet_trainer
 
@@ -126,3 +128,52 @@ def test_no_checkpoint_is_written_after_a_nan_loss_even_before_the_next_log_step
     for path in tmp_path.glob("*.ckpt"):
         state = torch.load(path, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class BadLabelAt(SourceModule):
+    """Counts host reads per training step; the labels of batch ``bad_batch`` get a 10."""
+
+    bad_batch = 2
+
+    def setup(self, stage: str) -> None:
+        self.steps = []
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.bad_batch:
+            batch["source"][1][5] = 10
+        reads_back = self.reads_back_this_step(batch_idx)
+        with HostReads() as mode:
+            loss = super().training_step(batch, batch_idx)
+        self.steps.append((batch_idx, reads_back, sum(mode.reads.values())))
+        return loss
+
+
+def test_source_training_checks_labels_on_log_steps_only_and_before_every_checkpoint(
+    tiny_digits, tmp_path
+):
+    source, target = tiny_digits
+    dm = DomainAdaptationDataModule(source, target, batch_size=16)
+    module = BadLabelAt(LeNet, num_classes=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    trainer = quiet_trainer(
+        max_steps=12, log_every_n_steps=6, enable_checkpointing=True, callbacks=[checkpoint]
+    )
+    with pytest.raises(ConfigError, match=r"^source training batch: label 10 is outside 0\.\.9"):
+        trainer.fit(module, dm)
+    # batches 0-3 ran (none reading back), then the save after batch 3 found the bad label
+    assert [(batch, reads) for batch, logs, reads in module.steps if not logs] == [
+        (0, 0), (1, 0), (2, 0), (3, 0)
+    ]  # fmt: skip
+    assert not list(tmp_path.glob("*.ckpt"))  # no checkpoint holds the batch's update
+
+
+def test_the_first_bad_label_is_kept_until_taken():
+    from dam_lightning.modules.base import _FirstBadLabel
+
+    first = _FirstBadLabel()
+    assert first.take() is None
+    for labels in ([1, 2], [3, 12, 11], [13]):
+        labels = torch.tensor(labels)
+        first.add(labels, labels < 10)
+    assert first.take() == 12
+    assert first.take() is None  # forgotten once taken

@@ -55,6 +55,7 @@ class EvaluatingModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
         self.test_metrics = nn.ModuleDict({d: self.task.metrics() for d in EVAL_DOMAINS})
         self.gradient_reduction: ActiveGradientReduction | None = None
+        self._first_bad_label = _FirstBadLabel()
 
     needs_unused_parameter_search = False
     """Whether DDP must look for parameters a backward pass did not reach (the CLI then picks
@@ -101,6 +102,33 @@ class EvaluatingModule(L.LightningModule):
         )
         fit_ends = 0 < trainer.max_steps <= trainer.global_step + len(trainer.optimizers)
         return epoch_ends or fit_ends or _logs_written_this_step(trainer)
+
+    def training_labels(self, labels: Tensor, reads_back: bool) -> Tensor:
+        """A source training batch's ``labels`` for the supervised loss, checked without a
+        device sync on most steps: a value outside the task's range is noted on the device and
+        made ignored (so the loss never indexes out of range: on a GPU a device-side assert
+        that kills the process), and ``check_training_labels`` raises its error on the next
+        step that reads back (``reads_back``), before any checkpoint and at the fit's end."""
+        valid = self.task.valid_labels(labels)
+        self._first_bad_label.add(labels, valid)
+        if reads_back:
+            self.check_training_labels()
+        return torch.where(valid, labels, self.task.ignored_label)
+
+    def check_training_labels(self) -> None:
+        """Stop every rank with the error of the first bad training label since the last check
+        (one read-back, only when a batch was noted; under DDP one all-gather)."""
+        bad = self._first_bad_label.take()
+        where = "source training batch"
+        self.raise_together(None if bad is None else self.task.bad_label_error(bad, where))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """No checkpoint holds weights trained on a bad label: check the batches since the
+        last step that read back."""
+        self.check_training_labels()
+
+    def on_train_end(self) -> None:
+        self.check_training_labels()  # the batches after the last check
 
     def log_progress(self, values: Mapping[str, Tensor], reads_back: bool) -> None:
         """Log ``values`` (logger and progress bar) on the steps that read back
@@ -250,3 +278,31 @@ def _inputs_and_labels(batch) -> tuple[Tensor, Tensor | None]:
     raise WrongTypeError(
         f"a prediction batch must be images or (images, labels), got {type(batch).__name__}"
     )
+
+
+class _FirstBadLabel:
+    """The first out-of-range training label since the last ``take``, kept on the device: the
+    steps in between never wait for it."""
+
+    def __init__(self):
+        self.found: Tensor | None = None
+        self.value: Tensor | None = None
+
+    def add(self, labels: Tensor, valid: Tensor) -> None:
+        if not labels.numel():
+            return
+        invalid = ~valid.flatten()
+        value = labels.flatten()[invalid.to(torch.uint8).argmax()].long()  # the first bad one
+        if self.found is None:
+            self.found, self.value = invalid.any(), value
+        else:
+            self.value = torch.where(self.found, self.value, value)
+            self.found = self.found | invalid.any()
+
+    def take(self) -> int | None:
+        """The value found, or None; forgets it. Reads back only when a batch was added."""
+        if self.found is None:
+            return None
+        found, value = torch.stack([self.found.long(), self.value]).tolist()
+        self.found = self.value = None
+        return value if found else None

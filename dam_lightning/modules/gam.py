@@ -290,6 +290,7 @@ class GAMAdaptModule(EvaluatingModule):
         self.reduce_only_active_gradients()
 
     def on_train_end(self) -> None:
+        super().on_train_end()  # the labels of the stage-1 batches after the last check
         self._stop_if_a_loss_was_not_finite()  # the batches after the last check
         if not self.adapting:
             rank_zero_warn(
@@ -302,7 +303,7 @@ class GAMAdaptModule(EvaluatingModule):
         """One supervised step of F_s (stage 1); the last one hands over to adaptation."""
         optimizer = self._optimizer("source")
         x, y = batch
-        self.raise_together(self.task.label_error(y, "source training batch"))
+        y = self.training_labels(y, reads_back)
         self.toggle_optimizer(optimizer)
         loss = self.task.loss(self.source_net(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -488,6 +489,7 @@ class GAMAdaptModule(EvaluatingModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to write a checkpoint after a NaN/inf loss or whose weights hold NaN or inf:
         the last good one stays the newest on disk."""
+        super().on_save_checkpoint(checkpoint)  # nor one trained on a bad label
         self._stop_if_a_loss_was_not_finite()
         named = [(n, p) for n, p in self.named_parameters() if p.is_floating_point()]
         if not named:

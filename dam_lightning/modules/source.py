@@ -133,11 +133,12 @@ class SourceModule(EvaluatingModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, y = batch["source"]
-        self.raise_together(self.task.label_error(y, "source training batch"))
+        reads_back = self.reads_back_this_step(batch_idx)
+        y = self.training_labels(y, reads_back)
         if self.augment is not None:
             x = self.augment(x)
         loss = self.task.loss(self.net(x), y)
-        self.log_progress({"train/loss": loss}, self.reads_back_this_step(batch_idx))
+        self.log_progress({"train/loss": loss}, reads_back)
         return loss
 
     def configure_optimizers(self):

@@ -109,21 +109,30 @@ class Task:
         if error is not None:
             raise error
 
+    ignored_label = -100
+    """The label value the loss skips (``F.cross_entropy``'s default ``ignore_index``)."""
+
+    def valid_labels(self, labels: Tensor) -> Tensor:
+        """Per label, whether it is a class index (or the ignore value, for segmentation)."""
+        valid = (labels >= 0) & (labels < self.num_classes)
+        return valid | (labels == IGNORE_INDEX) if self.name == "segmentation" else valid
+
     def label_error(self, labels: Tensor, where: str) -> ConfigError | None:
         """The error ``check_labels`` would raise, or None (for checks that raise together
         across DDP ranks, ``EvaluatingModule.raise_together``)."""
-        valid = (labels >= 0) & (labels < self.num_classes)
-        if self.name == "segmentation":
-            valid |= labels == IGNORE_INDEX
+        valid = self.valid_labels(labels)
         if labels.numel() and not bool(valid.all()):
-            bad = labels[~valid][0].item()
-            ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
-            return ConfigError(
-                f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore} "
-                f"(num_classes={self.num_classes}); labels must be class indices counted from 0 "
-                "(e.g. remap 1..10 to 0..9), or the dataset's num_classes is wrong"
-            )
+            return self.bad_label_error(labels[~valid][0].item(), where)
         return None
+
+    def bad_label_error(self, bad: int, where: str) -> ConfigError:
+        """The error for label value ``bad``, found in ``where``."""
+        ignore = f" or {IGNORE_INDEX} (ignored)" if self.name == "segmentation" else ""
+        return ConfigError(
+            f"{where}: label {bad} is outside 0..{self.num_classes - 1}{ignore} "
+            f"(num_classes={self.num_classes}); labels must be class indices counted from 0 "
+            "(e.g. remap 1..10 to 0..9), or the dataset's num_classes is wrong"
+        )
 
     def update(
         self, metrics, net: nn.Module, x: Tensor, labels: Tensor, where: str = "evaluation batch"
@@ -203,6 +212,7 @@ class SegmentationTask(Task):
     """
 
     name = "segmentation"
+    ignored_label = IGNORE_INDEX
     headline = "miou"
     summary_columns = ("pixel_acc", "class_acc", "miou", "worst_class_iou")
 
