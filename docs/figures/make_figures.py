@@ -3,17 +3,22 @@ and of the digit-scene domains.
 
     python docs/figures/make_figures.py [--root ../shared/data/digits]
     python docs/figures/make_figures.py --scenes [--root ../shared/data/digits]
+    python docs/figures/make_figures.py --gam-curves RUN_FOLDER [...] --out F.png
 
 Writes docs/figures/digit_domains.png: one row per domain (SynDigits, UCIDigits, and MNIST and
 USPS test images when --root holds them), digits 0-9 from left to right. With --scenes, writes
 docs/figures/digit_scenes.png instead: for each scene domain of configs/seg_demo*.yaml (source
 renders, UCIDigits camera scenes, and MNIST/USPS ones when --root holds them) a row of scenes
-and, below it, their label masks (black: the ignored rim).
+and, below it, their label masks (black: the ignored rim). With --gam-curves, plots the
+adversarial stage of GAM runs logged with a CSVLogger (``metrics.csv`` in each run folder): per
+matched layer, the discriminator's accuracy and F_t's activation gap over the training steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -62,13 +67,54 @@ def digit_scenes_figure(root: str, out: str, per_row: int = 6) -> None:
     print(f"wrote {out}")
 
 
+def layer_curves(run: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{layer: {metric: [(step, value), ...]}}`` of the ``layer/<layer>/<metric>`` columns of
+    a run folder's metrics.csv (CSVLogger)."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    with open(Path(run) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key.startswith("layer/") and value:
+                    layer, metric = key.removeprefix("layer/").rsplit("/", 1)
+                    curves[layer][metric].append((int(row["step"]), float(value)))
+    return curves
+
+
+def gam_curves_figure(runs: list[str], out: str) -> None:
+    """Discriminator accuracy (acc_d) and mean activation gap (mean_gap) per matched layer, one
+    line per run, over the global step."""
+    metrics = ("acc_d", "mean_gap")
+    per_run = {run: layer_curves(run) for run in runs}
+    layers = sorted({layer for curves in per_run.values() for layer in curves})
+    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(3 * len(layers), 5), squeeze=False)
+    for col, layer in enumerate(layers):
+        for row, metric in enumerate(metrics):
+            axis = axes[row, col]
+            for run, curves in per_run.items():
+                points = curves.get(layer, {}).get(metric, [])
+                if points:
+                    axis.plot(*zip(*points, strict=True), label=Path(run).parent.name, lw=1)
+            axis.set_title(f"{layer}\n{metric}", fontsize=8)
+            axis.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=6)
+    axes[-1, 0].set_xlabel("global step", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="../shared/data/digits")
     parser.add_argument("--out", default=None, help="default docs/figures/digit_domains.png "
                         "(digit_scenes.png with --scenes)")  # fmt: skip
     parser.add_argument("--scenes", action="store_true", help="the digit-scene figure instead")
+    parser.add_argument("--gam-curves", nargs="+", metavar="RUN", help="GAM curves of run folders")
     args = parser.parse_args()
+    if args.gam_curves:
+        gam_curves_figure(args.gam_curves, args.out or "docs/figures/gam_curves.png")
+        return
     if args.scenes:
         digit_scenes_figure(args.root, args.out or "docs/figures/digit_scenes.png")
         return
