@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,9 +68,10 @@ def digit_scenes_figure(root: str, out: str, per_row: int = 6) -> None:
     print(f"wrote {out}")
 
 
-def layer_curves(run: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{layer: {metric: [(step, value), ...]}}`` of the ``layer/<layer>/<metric>`` columns of
-    a run folder's metrics.csv (CSVLogger)."""
+def run_curves(run: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{layer: {metric: [(batch, value), ...]}}`` of the ``layer/<layer>/<metric>`` columns of
+    a run folder's metrics.csv (CSVLogger), and the target's validation mIoU under ``"target"``
+    when the run validated during training."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     with open(Path(run) / "metrics.csv") as f:
         for row in csv.DictReader(f):
@@ -77,27 +79,38 @@ def layer_curves(run: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
                 if key.startswith("layer/") and value:
                     layer, metric = key.removeprefix("layer/").rsplit("/", 1)
                     curves[layer][metric].append((int(row["step"]), float(value)))
+                elif key == "val/target/miou" and value:
+                    curves["target"]["mIoU (%)"].append((int(row["step"]), 100 * float(value)))
     return curves
 
 
+def _natural(name: str) -> list:
+    """Sort key: encoder.layers.2 before encoder.layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def gam_curves_figure(runs: list[str], out: str) -> None:
-    """Discriminator accuracy (acc_d) and mean activation gap (mean_gap) per matched layer, one
-    line per run, over the global step."""
-    metrics = ("acc_d", "mean_gap")
-    per_run = {run: layer_curves(run) for run in runs}
-    layers = sorted({layer for curves in per_run.values() for layer in curves})
-    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(3 * len(layers), 5), squeeze=False)
-    for col, layer in enumerate(layers):
-        for row, metric in enumerate(metrics):
-            axis = axes[row, col]
-            for run, curves in per_run.items():
-                points = curves.get(layer, {}).get(metric, [])
-                if points:
-                    axis.plot(*zip(*points, strict=True), label=Path(run).parent.name, lw=1)
-            axis.set_title(f"{layer}\n{metric}", fontsize=8)
-            axis.tick_params(labelsize=7)
+    """Per matched layer, the discriminator's accuracy (acc_d) and F_t's mean activation gap
+    (mean_gap), one line per run, over the training batches; then the target's mIoU."""
+    per_run = {run: run_curves(run) for run in runs}
+    panels = sorted({(layer, metric) for curves in per_run.values()
+                     for layer in curves for metric in curves[layer]
+                     if metric in ("acc_d", "mean_gap", "mIoU (%)")},
+                    key=lambda panel: _natural(panel[0]))  # fmt: skip
+    layers = list(dict.fromkeys(layer for layer, _ in panels))
+    fig, axes = plt.subplots(2, len(layers), figsize=(3 * len(layers), 5), squeeze=False)
+    for axis in axes.flat:
+        axis.set_visible(False)
+    for layer, metric in panels:
+        axis = axes[0 if metric != "mean_gap" else 1, layers.index(layer)]
+        axis.set_visible(True)
+        for run, curves in per_run.items():
+            if points := curves[layer].get(metric):
+                axis.plot(*zip(*points, strict=True), label=Path(run).parent.name, lw=1)
+        axis.set_title(f"{layer}\n{metric}", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.set_xlabel("training batch", fontsize=7)
     axes[0, 0].legend(fontsize=6)
-    axes[-1, 0].set_xlabel("global step", fontsize=8)
     fig.tight_layout(pad=0.3)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
