@@ -61,4 +61,6 @@ def test_the_gam_sweep_shows_each_seeds_gain_of_gam_over_gaussian_matching(tmp_p
     assert f"| {first} | 22.0 ± 1.0 | 23.0 ± 1.0 | 1.0 ± 0.0 |" in text
     assert f"| {first} | GAM - Gaussian | 10: 1.0, 11: 1.0, 12: 1.0 |" in text
     assert "less summary row 'after Gaussian matching'" in text
-    assert "source_weights" in sweep.cell_runs(spec, sweep.merge(spec))[0].command(tmp_path)[-5]
+    command = " ".join(sweep.cell_runs(spec, sweep.merge(spec))[0].command(tmp_path))
+    assert "--model.init_args.source_weights=" in command  # adapts a cached stage-1 network
+    assert "--model.init_args.gan_loss=lsgan" in command  # the starting recipe, pinned
