@@ -113,9 +113,8 @@ class Task:
     """The label value the loss skips (``F.cross_entropy``'s default ``ignore_index``)."""
 
     def valid_labels(self, labels: Tensor) -> Tensor:
-        """Per label, whether it is a class index (or the ignore value, for segmentation)."""
-        valid = (labels >= 0) & (labels < self.num_classes)
-        return valid | (labels == IGNORE_INDEX) if self.name == "segmentation" else valid
+        """Per label, whether it is a class index."""
+        return (labels >= 0) & (labels < self.num_classes)
 
     def label_error(self, labels: Tensor, where: str) -> ConfigError | None:
         """The error ``check_labels`` would raise, or None (for checks that raise together
@@ -215,6 +214,10 @@ class SegmentationTask(Task):
     ignored_label = IGNORE_INDEX
     headline = "miou"
     summary_columns = ("pixel_acc", "class_acc", "miou", "worst_class_iou")
+
+    def valid_labels(self, labels: Tensor) -> Tensor:
+        """Per label, whether it is a class index or the ignore value (255)."""
+        return super().valid_labels(labels) | (labels == IGNORE_INDEX)
 
     def __init__(
         self,
