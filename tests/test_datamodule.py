@@ -11,6 +11,7 @@ from torch.utils.data import Subset, TensorDataset
 from dam_lightning.data import FewShot, LabelShift, Unlabelled, dataset_info
 from dam_lightning.data.datamodule import DomainAdaptationDataModule, EpochShuffleSampler
 from dam_lightning.data.labels import DatasetInfo
+from dam_lightning.errors import ConfigError
 
 
 class Labelled(TensorDataset):
@@ -29,7 +30,7 @@ def _with_module(dm: DomainAdaptationDataModule, module) -> DomainAdaptationData
 def test_gam_gets_both_domains_and_the_target_without_labels():
     dm = _with_module(
         DomainAdaptationDataModule(Labelled(40), Labelled(20, offset=1000), batch_size=8),
-        SimpleNamespace(train_domains=("source", "target")),
+        SimpleNamespace(train_domains=("source", "target"), uses_source_labels=True),
     )
     loaders = dm.train_dataloader()
     assert set(loaders) == {"source", "target"}
@@ -42,9 +43,27 @@ def test_gam_gets_both_domains_and_the_target_without_labels():
 def test_source_module_gets_only_the_source():
     dm = _with_module(
         DomainAdaptationDataModule(Labelled(40), Labelled(20), batch_size=8),
-        SimpleNamespace(train_domains=("source",)),
+        SimpleNamespace(train_domains=("source",), uses_source_labels=True),
     )
     assert set(dm.train_dataloader()) == {"source"}
+
+
+def test_a_module_that_reads_no_source_labels_gets_source_images_alone():
+    dm = _with_module(
+        DomainAdaptationDataModule(Labelled(40), Labelled(20), batch_size=8),
+        SimpleNamespace(train_domains=("source", "target"), uses_source_labels=False),
+    )
+    x_s = next(iter(dm.train_dataloader()["source"]))
+    assert isinstance(x_s, torch.Tensor) and x_s.shape == (8, 1)
+
+
+def test_a_module_that_does_not_declare_what_it_reads_is_refused_naming_the_seam():
+    dm = _with_module(
+        DomainAdaptationDataModule(Labelled(40), Labelled(20), batch_size=8),
+        SimpleNamespace(train_domains=("source",)),
+    )
+    with pytest.raises(ConfigError, match="does not say uses_source_labels.*FedModule"):
+        dm.train_dataloader()
 
 
 def test_evaluation_defaults_to_the_target_training_images_and_adds_source_val():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Protocol
 
 import lightning as L
 import torch
@@ -24,6 +25,22 @@ from dam_lightning.data.segmentation import SegmentationDataset
 from dam_lightning.errors import ConfigError, WrongTypeError
 
 DOMAINS = ("source", "target")
+
+
+class FedModule(Protocol):
+    """What ``DomainDataModule`` asks of the LightningModule it feeds: the one seam between
+    them (``SourceModule`` and ``GAMAdaptModule`` inherit both from ``EvaluatingModule``).
+
+    Attributes:
+        train_domains: the domains whose batches its training reads, from ``DOMAINS``: the
+            training loaders are exactly these (a SourceModule reads ``("source",)``).
+        uses_source_labels: whether this fit's training reads source labels; when it does not
+            (GAM adapting from a finished F_s) the source loader serves images alone, so no
+            label is decoded for nothing.
+    """
+
+    train_domains: tuple[str, ...]
+    uses_source_labels: bool
 
 
 class Unlabelled(Dataset):
@@ -241,15 +258,32 @@ class DomainAdaptationDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Refuse ``few_shot`` for a module that trains on both domains (GAM), before any of
         its training starts: its "source" batches would be target images."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        domains = getattr(module, "train_domains", DOMAINS)
-        if stage == "fit" and self.few_shot is not None and "target" in domains:
+        if stage != "fit" or self.few_shot is None:
+            return
+        module = self._fed_module()
+        if module is not None and "target" in module.train_domains:
             raise ConfigError(
                 f"data.few_shot fine-tunes a SourceModule on {self.few_shot} labelled target "
                 f"images; {type(module).__name__} trains on the source and target domains and "
                 "would take those images for its source domain. Use a *_source.yaml config "
                 "with configs/few_shot.yaml, or remove data.few_shot"
             )
+
+    def _fed_module(self) -> FedModule | None:
+        """The trainer's LightningModule (None without one), refused if it does not declare
+        ``FedModule``'s attributes: a module this data module cannot tell what to serve."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            return None
+        missing = [name for name in FedModule.__annotations__ if not hasattr(module, name)]
+        if missing:
+            raise ConfigError(
+                f"{type(module).__name__} does not say {' or '.join(missing)}, which "
+                f"{type(self).__name__} reads to build its training loaders: derive it from "
+                "dam_lightning.modules.base.EvaluatingModule, or define them (see "
+                "dam_lightning.data.datamodule.FedModule)"
+            )
+        return module
 
     def _check_datasets(self) -> None:
         for role in ("source", "target", "target_val", "source_val", "target_test"):
@@ -367,11 +401,9 @@ class DomainAdaptationDataModule(L.LightningDataModule):
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        domains = getattr(module, "train_domains", DOMAINS)
-        # A module that will not read the source labels in this fit (GAM adapting from a
-        # finished F_s) gets the source images alone: no label is decoded for nothing.
-        labelled = getattr(module, "uses_source_labels", True)
+        module = self._fed_module()
+        domains = DOMAINS if module is None else module.train_domains
+        labelled = module is None or module.uses_source_labels
         loaders = {
             "source": lambda: self.source_dataloader(labelled),
             "target": self.target_dataloader,

@@ -57,6 +57,16 @@ class EvaluatingModule(L.LightningModule):
         self.gradient_reduction: ActiveGradientReduction | None = None
         self._first_bad_label = _FirstBadLabel()
 
+    train_domains: tuple[str, ...] = ("source",)
+    """Which domains' batches training reads: ``DomainDataModule.train_dataloader`` serves
+    exactly these (``data.datamodule.FedModule`` names this seam). GAM sets both."""
+
+    @property
+    def uses_source_labels(self) -> bool:
+        """Whether this fit's training reads source labels (the data module then decodes
+        them); GAM reads them only while it trains F_s."""
+        return True
+
     needs_unused_parameter_search = False
     """Whether DDP must look for parameters a backward pass did not reach (the CLI then picks
     ``ddp_find_unused_parameters_true``)."""

@@ -60,9 +60,6 @@ class SourceModule(EvaluatingModule):
         torch.Size([2, 10])
     """
 
-    train_domains = ("source",)
-    """The data module reads this to serve only the source loader during training."""
-
     def __init__(
         self,
         net: NetworkFactory,
