@@ -20,9 +20,12 @@ from dam_lightning.runs import atomic_write_text, run_directory
 class AdaptationSummary(L.Callback):
     """Evaluate on the target validation set at each milestone; print and save the table.
 
-    Reads the ``GAMAdaptModule``'s seam (``adapting``, ``source_net``, ``target_net``,
-    ``gaussian_report``, ``matched_at_step``); list it after ``GaussianMatching`` in
-    ``trainer.callbacks`` so that it sees the matching made before the same batch.
+    Reads the ``GAMAdaptModule``'s seam (``train_domains``, ``adapting``, ``source_net``,
+    ``target_net``, ``gaussian_report``, ``matched_at_step``); list it after
+    ``GaussianMatching`` in ``trainer.callbacks`` so that it sees the matching made before the
+    same batch. With a ``SourceModule`` (``train_domains == ("source",)``) the table has one
+    row, named ``final_label``: its network at the end of the fit, scored on the same set
+    (e.g. the paper's "supervised on target" row, ``configs/experiments/*_supervised_half.yaml``).
 
     Writes ``summary.md`` (the task's few summary columns: accuracy for digits; pixel
     accuracy, class accuracy, mIoU and worst-class IoU for segmentation) and ``summary.json``
@@ -57,7 +60,9 @@ class AdaptationSummary(L.Callback):
             self.rows[stage] = self._evaluate(trainer, pl_module, net, stage)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.adapting:
+        if not _adapts(pl_module):  # a SourceModule: its network as trained, one row
+            stage, net = self.final_label, pl_module.eval_net
+        elif pl_module.adapting:
             stage, net = self.final_label, pl_module.target_net
         else:  # the budget ended inside stage 1 (GAMAdaptModule warns): F_s as it stands
             stage, net = "source only (stage 1 unfinished)", pl_module.source_net
@@ -97,11 +102,17 @@ def _length(loader) -> int | None:
         return None
 
 
+def _adapts(pl_module) -> bool:
+    """Whether ``pl_module`` adapts to the target (GAM: it trains on both domains, its
+    declared ``train_domains``), or trains one network on labelled data (SourceModule)."""
+    return "target" in pl_module.train_domains
+
+
 def milestones_due(pl_module, done) -> list[tuple[str, object]]:
     """The milestones reached at this batch and not yet in ``done``, with the network to judge:
     "source only" (F_s, once it is final) and "after Gaussian matching" (F_t, before any
     adaptation step after the first matching). Shared by the summary and the overlays."""
-    if not pl_module.adapting:
+    if not _adapts(pl_module) or not pl_module.adapting:
         return []
     due = [] if "source only" in done else [("source only", pl_module.source_net)]
     if pl_module.gaussian_report is not None and "after Gaussian matching" not in done:

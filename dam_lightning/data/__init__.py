@@ -10,6 +10,7 @@ from dam_lightning.data.few_shot import FewShot
 from dam_lightning.data.gta5 import GTA5
 from dam_lightning.data.label_shift import LabelShift
 from dam_lightning.data.labels import DatasetInfo
+from dam_lightning.data.random_part import RandomPart
 from dam_lightning.data.segmentation import SegmentationDataset
 from dam_lightning.data.synthia import SYNTHIA
 from dam_lightning.data.transforms import SegmentationTransform
@@ -26,6 +27,7 @@ __all__ = [
     "FewShot",
     "LabelShift",
     "RandomAffine",
+    "RandomPart",
     "SegmentationDataset",
     "SegmentationTransform",
     "SynDigits",
