@@ -10,8 +10,6 @@ tensors: no data set, no checkpoint, no download.
     was resident before (VmHWM on the CPU, max_memory_allocated on CUDA), each in a fresh process.
 (b) Evaluation as Cityscapes is scored (SegmentationTask): forward at --eval-size, upsampling to
     the 1024x2048 label, confusion-matrix update: images/s.
-(c) A GAM step over a source step: removed; ``python -m dam_lightning preflight`` times every
-    stage of a config (docs/results/segmentation_iteration.md).
 (d) (only with --sections d) ``predict`` through the Trainer with PredictionWriter: (b)'s
     forward + upsampling + softmax/max, then the labelId, colour and overlay PNGs at 1024x2048, for
     --eval-images images: images/s with the PNGs written on the main process (workers=0) and by
@@ -41,12 +39,8 @@ from torch.utils.data import Dataset
 
 from benchmarks.machine import describe, parse_size, provenance
 from dam_lightning.data.labels import CITYSCAPES_CLASSES, DatasetInfo
-from dam_lightning.matching import (
-    ActivationTaps,
-    foldable_layers,
-    gaussian_match,
-    measure_statistics,
-)
+from dam_lightning.matching import ActivationTaps, foldable_layers, gaussian_match
+from dam_lightning.matching import measure_statistics
 from dam_lightning.models import ERFNet
 from dam_lightning.modules.task import SegmentationTask
 from dam_lightning.runs import atomic_write_text

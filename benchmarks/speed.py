@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from benchmarks.machine import describe, provenance
 from dam_lightning.data import DomainAdaptationDataModule, SynDigits, UCIDigits
 from dam_lightning.matching import (
     GANLoss,
@@ -35,8 +36,6 @@ from dam_lightning.matching import (
 from dam_lightning.models import LeNet
 from dam_lightning.modules import GAMAdaptModule
 from dam_lightning.runs import atomic_write_text
-
-from benchmarks.machine import describe, provenance
 
 LAYERS = {"fc3": 0.1, "fc4": 1.0}
 
@@ -53,18 +52,11 @@ class IterationTimer(L.Callback):
 
 def lightning_round(module, data, iterations: int) -> list[float]:
     timer = IterationTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2 * iterations,  # a new Trainer counts from 0; the module keeps training
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    # max_steps: a new Trainer counts from 0 while the module keeps training
+    trainer = L.Trainer(accelerator="cpu", max_steps=2 * iterations, max_epochs=-1,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])  # fmt: skip
     trainer.fit(module, data)
     gaps = [b - a for a, b in itertools.pairwise(timer.starts)]
     return gaps[5:]  # steady state: skip the loop's first iterations
@@ -121,13 +113,8 @@ def framework_overhead(iterations: int, rounds: int) -> dict:
     plain_source.requires_grad_(False).eval()
     discriminators = copy.deepcopy(module.discriminators)
     adam = dict(lr=2e-4, betas=(0.5, 0.999))
-    nets = (
-        plain_source,
-        plain_target,
-        discriminators,
-        torch.optim.Adam(discriminators.parameters(), **adam),
-        torch.optim.Adam(plain_target.parameters(), **adam),
-    )
+    optimizers = [torch.optim.Adam(n.parameters(), **adam) for n in (discriminators, plain_target)]
+    nets = (plain_source, plain_target, discriminators, *optimizers)
     lightning_times, plain_times = [], []
     for _ in range(rounds):
         lightning_times += lightning_round(module, data, iterations)

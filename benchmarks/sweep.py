@@ -9,7 +9,10 @@ its rows and columns. A cell's run is ``python -m dam_lightning fit`` with the `
 file, its table, its column and its row, in that order (``args`` likewise), once per seed (every
 key of ``seed_args`` set to the seed). With ``source`` configs, a stage-1 run of those configs
 (a SourceModule config: it writes ``checkpoints/source.ckpt``) goes first and its checkpoint
-becomes the run's ``model.init_args.source_weights``. The cell shows ``metric`` (percent) of the
+becomes the run's ``model.init_args.source_weights``. With ``init`` (a mapping of ``configs``
+and ``source``, or ``source`` alone for a stage-1 run), that run goes first and its network
+(``last.ckpt``; a stage-1 run's ``source.ckpt``) becomes ``model.init_args.init_weights``
+(a fine-tune, ``configs/few_shot.yaml``). The cell shows ``metric`` (percent) of the
 ``stage`` row of the run's summary.json (default: its last row, the final network), less the
 ``minus`` row's when given, mean ± std over the seeds; a ``text`` column shows fixed text.
 
@@ -41,7 +44,8 @@ LISTS = ("configs", "source", "args")
 
 @dataclass(frozen=True)
 class Run:
-    """One CLI command at one seed; ``source`` is the stage-1 run whose checkpoint it adapts."""
+    """One CLI command at one seed; ``source`` is the run whose network it starts from: the
+    stage-1 run whose checkpoint it adapts, or with ``fine_tune`` the run it fine-tunes."""
 
     configs: tuple[str, ...]
     args: tuple[str, ...]
@@ -49,6 +53,7 @@ class Run:
     seed_args: tuple[str, ...]
     source: Run | None = None
     stage1: bool = False  # a SourceModule run: it leaves checkpoints/source.ckpt, no summary
+    fine_tune: bool = False  # source's network is init_weights, not source_weights
 
     @property
     def name(self) -> str:
@@ -59,6 +64,11 @@ class Run:
         if self.source is not None:  # runs from another source network are other runs
             name = f"{Path(self.source.name).parent}/{name}"
         return f"{name}/seed{self.seed}"
+
+    @property
+    def chain(self) -> tuple[Run, ...]:
+        """The runs this one starts from, first the earliest, then itself."""
+        return (*self.source.chain, self) if self.source else (self,)
 
     def folder(self, runs: Path) -> Path | None:
         """The latest run folder of this run that holds its result, else None."""
@@ -74,7 +84,9 @@ class Run:
         argv += [f"--{key}={self.seed}" for key in self.seed_args]
         if self.source is not None:
             folder = self.source.folder(runs) or runs / self.source.name / "<date>_<time>"
-            argv.append(f"--model.init_args.source_weights={folder}/checkpoints/source.ckpt")
+            key = "init_weights" if self.fine_tune else "source_weights"
+            weights = "source.ckpt" if self.source.stage1 else "last.ckpt"
+            argv.append(f"--model.init_args.{key}={folder}/checkpoints/{weights}")
         return [*argv, *self.args, f"--trainer.logger.init_args.save_dir={runs}",
                 f"--trainer.logger.init_args.name={self.name}",
                 "--trainer.enable_progress_bar=false"]  # fmt: skip
@@ -104,18 +116,25 @@ def cell_runs(spec: dict, cell: dict) -> list[Run]:
     if "text" in cell:
         return []
     seed_args = tuple(spec.get("seed_args", ["seed_everything", "data.seed"]))
-    args, source = tuple(cell.get("args", ())), tuple(cell.get("source", ()))
-    return [Run(tuple(cell["configs"]), args, seed, seed_args,
-                Run(source, (), seed, seed_args, stage1=True) if source else None)
-            for seed in cell.get("seeds", spec["seeds"])]  # fmt: skip
+
+    def run(level: dict, seed: int) -> Run:
+        """The run of ``level`` (without ``configs``: its stage-1 run), after its upstream."""
+        source = tuple(level.get("source", ()))
+        stage1 = Run(source, (), seed, seed_args, stage1=True) if source else None
+        if "configs" not in level:
+            return stage1
+        upstream = run(merge(level["init"]), seed) if "init" in level else stage1
+        return Run(tuple(level["configs"]), tuple(level.get("args", ())), seed, seed_args,
+                   upstream, fine_tune="init" in level)  # fmt: skip
+    return [run(cell, seed) for seed in cell.get("seeds", spec["seeds"])]
 
 
 def run_all(spec: dict, runs_root: Path, jobs: int, dry_run: bool = False) -> None:
-    """Every stage-1 run, then every other run, that has no result yet."""
+    """Every run that has no result yet, each after the runs it starts from."""
     wanted = [run for cell in cells(spec) for run in cell_runs(spec, cell)]
-    sources = [run.source for run in wanted if run.source]
-    for stage in (list(dict.fromkeys(sources)), list(dict.fromkeys(wanted))):
-        todo = [run for run in stage if run.folder(runs_root) is None]
+    runs = list(dict.fromkeys(up for run in wanted for up in run.chain))
+    for depth in range(max((len(run.chain) for run in runs), default=0)):
+        todo = [r for r in runs if len(r.chain) == depth + 1 and r.folder(runs_root) is None]
         if dry_run:
             print("\n".join(shlex.join(run.command(runs_root)) for run in todo))
             continue

@@ -5,6 +5,8 @@ without touching the published source network."""
 
 from __future__ import annotations
 
+import json
+
 import logging
 import re
 from collections import Counter
@@ -328,6 +330,8 @@ def test_a_few_shot_fine_tune_runs_through_the_cli(tmp_path, capsys, monkeypatch
     assert blob["global_step"] == 4
     tuned = {k.removeprefix("net."): v for k, v in blob["state_dict"].items() if k[:4] == "net."}
     assert not _same(tuned, torch.load(init))  # it trained from the given weights
+    rows = json.loads((tmp_path / folder / "summary.json").read_text())
+    assert list(rows) == ["starting network", "after fine-tuning"]  # both on target_val
 
 
 @pytest.mark.slow

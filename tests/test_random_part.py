@@ -80,3 +80,22 @@ def test_a_source_module_fit_writes_one_summary_row_named_by_the_callback(tmp_pa
     )
     assert rows["supervised on target"]["acc"] == pytest.approx(expected["acc"])
     assert len(data.val_dataloader()[0].dataset) == len(held_out)
+
+
+def test_a_fine_tune_scores_its_starting_network_before_the_first_step(tmp_path):
+    torch.manual_seed(0)
+    init = tmp_path / "start.pt"
+    torch.save(LeNet(10).state_dict(), init)
+    digits = UCIDigits()
+    train, held_out = (RandomPart(digits, part, seed=0) for part in ("train", "held_out"))
+    module = SourceModule(LeNet, num_classes=10, init_weights=str(init))
+    data = DomainAdaptationDataModule(train, held_out, batch_size=32)
+    start = SourceModule(LeNet, num_classes=10)
+    start.net.load_state_dict(torch.load(init))
+    expected = start.task.evaluate(start.net, data.val_dataloader()[0], "cpu", "batch")
+    summary = AdaptationSummary(final_label="after fine-tuning")
+    trainer = quiet_trainer(max_steps=6, default_root_dir=tmp_path, callbacks=[summary])
+    trainer.fit(module, datamodule=data)
+    assert list(summary.rows) == ["starting network", "after fine-tuning"]
+    assert summary.rows["starting network"]["acc"] == pytest.approx(expected["acc"])
+    assert summary.rows["after fine-tuning"]["acc"] != pytest.approx(expected["acc"])

@@ -92,6 +92,37 @@ def test_the_sweep_runs_sources_first_each_run_once_and_skips_runs_with_results(
     assert len(adaptations) == len(set(adaptations)) == 7
 
 
+def test_a_fine_tune_starts_from_its_init_run_after_that_run_and_its_stage_1_run(
+    tmp_path, monkeypatch
+):
+    spec = {"seeds": [3], "tables": [{"columns": {"N=5": {"args": ["--data.few_shot=5"]}}, "rows": {
+        "from GAM": {"configs": ["configs/few_shot.yaml"],
+                     "init": {"configs": ["configs/usps_mnist.yaml"], "source": ["s.yaml"]}},
+        "from the source network": {"configs": ["configs/few_shot.yaml"],
+                                    "init": {"source": ["s.yaml"]}}}}]}  # fmt: skip
+    table = spec["tables"][0]
+    cell = sweep.merge(spec, table, table["columns"]["N=5"], table["rows"]["from GAM"])
+    (tune,) = sweep.cell_runs(spec, cell)
+    gam, stage1 = tune.source, tune.source.source
+    assert tune.fine_tune and not gam.fine_tune and stage1.stage1 and stage1.configs == ("s.yaml",)
+    command = tune.command(tmp_path)
+    gam_folder = tmp_path / gam.name / "<date>_<time>"
+    assert f"--model.init_args.init_weights={gam_folder}/checkpoints/last.ckpt" in command
+    assert not any("source_weights" in a for a in command)
+    assert any(a.endswith("/checkpoints/source.ckpt") for a in gam.command(tmp_path))
+    row = table["rows"]["from the source network"]
+    cell = sweep.merge(spec, table, table["columns"]["N=5"], row)
+    (from_source,) = sweep.cell_runs(spec, cell)
+    assert from_source.source == stage1  # one stage-1 run for both rows
+    assert any(a.startswith("--model.init_args.init_weights=") and a.endswith("source.ckpt")
+               for a in from_source.command(tmp_path))  # fmt: skip
+    done = []
+    monkeypatch.setattr(sweep, "execute", lambda run, root: done.append(run) or 0)
+    sweep.run_all(spec, tmp_path, jobs=1)
+    assert done[0] == stage1 and done[1] in (gam, from_source) and done[-1] == tune
+    assert len(done) == len(set(done)) == 4
+
+
 def test_the_report_holds_means_over_seeds_the_stage_row_and_partial_cells(tmp_path):
     for seed, acc in ((0, 0.90), (1, 0.92)):
         run = sweep.cell_runs(SPEC, _cell("ours", "ADDA"))[seed]

@@ -16,6 +16,10 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from dam_lightning.callbacks.progress import Phase
 from dam_lightning.runs import atomic_write_text, run_directory
 
+STARTING_NETWORK = "starting network"
+"""The first row of a fine-tune (a SourceModule fit from ``init_weights``): its network before
+the first step, scored like the last row (``configs/few_shot.yaml``'s N = 0)."""
+
 
 class AdaptationSummary(L.Callback):
     """Evaluate on the target validation set at each milestone; print and save the table.
@@ -23,9 +27,10 @@ class AdaptationSummary(L.Callback):
     Reads the ``GAMAdaptModule``'s seam (``train_domains``, ``adapting``, ``source_net``,
     ``target_net``, ``gaussian_report``, ``matched_at_step``); list it after
     ``GaussianMatching`` in ``trainer.callbacks`` so that it sees the matching made before the
-    same batch. With a ``SourceModule`` (``train_domains == ("source",)``) the table has one
-    row, named ``final_label``: its network at the end of the fit, scored on the same set
-    (e.g. the paper's "supervised on target" row, ``configs/experiments/*_supervised_half.yaml``).
+    same batch. With a ``SourceModule`` (``train_domains == ("source",)``) the table's row is
+    named ``final_label``: its network at the end of the fit, scored on the same set (e.g. the
+    paper's "supervised on target" row, ``configs/experiments/*_supervised_half.yaml``), after
+    a "starting network" row when the fit fine-tunes ``init_weights`` (``fine_tunes``).
 
     Writes ``summary.md`` (the task's few summary columns: accuracy for digits; pixel
     accuracy, class accuracy, mIoU and worst-class IoU for segmentation) and ``summary.json``
@@ -56,7 +61,11 @@ class AdaptationSummary(L.Callback):
             )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        for stage, net in milestones_due(pl_module, self.rows):
+        if _adapts(pl_module):
+            due = milestones_due(pl_module, self.rows)
+        else:
+            due = _starting_network_due(trainer, pl_module, self.rows)
+        for stage, net in due:
             self.rows[stage] = self._evaluate(trainer, pl_module, net, stage)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,6 +115,13 @@ def _adapts(pl_module) -> bool:
     """Whether ``pl_module`` adapts to the target (GAM: it trains on both domains, its
     declared ``train_domains``), or trains one network on labelled data (SourceModule)."""
     return "target" in pl_module.train_domains
+
+
+def _starting_network_due(trainer, pl_module, done) -> list[tuple[str, object]]:
+    """A fine-tune's starting network, due before its first step (not again on resuming)."""
+    if pl_module.fine_tunes and trainer.global_step == 0 and STARTING_NETWORK not in done:
+        return [(STARTING_NETWORK, pl_module.eval_net)]
+    return []
 
 
 def milestones_due(pl_module, done) -> list[tuple[str, object]]:

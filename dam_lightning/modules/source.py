@@ -87,6 +87,12 @@ class SourceModule(EvaluatingModule):
     def eval_net(self) -> nn.Module:
         return self.net
 
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether this fit starts from ``init_weights`` (a fine-tune): ``AdaptationSummary``
+        then scores the starting network before the first step."""
+        return bool(self.hparams.init_weights)
+
     def on_fit_start(self) -> None:
         """Load ``init_weights`` into ``net`` at the start of the first fit only (Lightning
         restores a resumed fit's checkpoint before this hook, buffer included)."""
