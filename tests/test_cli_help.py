@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from dam_lightning.cli import DamCLI, main
 from dam_lightning.overview import SUBCOMMANDS, shipped_configs, top_level_help
-from dam_lightning.cli import DamCLI, main, metrics_table
+from dam_lightning.run_end import metrics_table
 
 from .conftest import REPO
 
