@@ -422,3 +422,17 @@ def test_bad_arguments_are_refused(cityscapes):
         Cityscapes(cityscapes.root, transform=SegmentationTransform(size=(512,)))
     with pytest.raises(ValueError, match="scale_range"):
         SegmentationTransform(label_size="input", train_augment=True, scale_range=(2, 1))
+
+
+def test_normalising_in_one_pass_equals_torchvisions_two_passes_for_every_byte_value():
+    from torchvision.transforms.v2 import functional as TF
+
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)  # (3, 4, 256)
+    expected = TF.normalize(TF.to_dtype(every_value, torch.float32, scale=True), IMAGENET_MEAN,
+                            IMAGENET_STD)  # fmt: skip
+    out = SegmentationTransform(size=None).normalise(every_value)
+    assert out.dtype == torch.float32 and out.shape == (3, 4, 256)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    channels_last = every_value.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # as decoded
+    torch.testing.assert_close(SegmentationTransform(size=None).normalise(channels_last), expected,
+                               rtol=0, atol=1e-6)  # fmt: skip

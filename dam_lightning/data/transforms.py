@@ -132,18 +132,29 @@ class SegmentationTransform:
             ]
         )
 
+    @cached_property
+    def _scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """``(x / 255 - mean) / std`` as ``x * scale + shift``, per channel (3, 1, 1)."""
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return 1.0 / (255.0 * std), -mean / std
+
+    def normalise(self, image: Tensor) -> Tensor:
+        """uint8 (3, H, W) -> float32 in [0, 1], less ``mean``, over ``std``: one fused pass
+        (``addcmul``), equal to torchvision's ``to_dtype`` + ``normalize`` within 1e-6."""
+        scale, shift = self._scale_and_shift
+        return torch.addcmul(shift, image.as_subclass(Tensor).to(torch.float32), scale)
+
     def __call__(self, image: Tensor, mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        image = tv_tensors.Image(image)
-        if mask is not None:
-            mask = tv_tensors.Mask(mask)
         if self.train_augment:
-            image, mask = self._augment(image, mask)
-        elif self.size is not None:
-            image = F.resize(image, list(self.size), InterpolationMode.BILINEAR, antialias=True)
+            image, mask = self._augment(
+                tv_tensors.Image(image), None if mask is None else tv_tensors.Mask(mask)
+            )
+        elif self.size is not None:  # plain tensors: no tv_tensors wrapping to pay for
+            size = list(self.size)
+            image = F.resize_image(image, size, InterpolationMode.BILINEAR, antialias=True)
             if mask is not None and self.resize_mask:
                 mask = resize_mask(mask, self.size)
-        image = F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
-        image = image.as_subclass(Tensor)
+        image = self.normalise(image)
         return image if mask is None else (image, mask.as_subclass(Tensor))
 
     def _augment(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
