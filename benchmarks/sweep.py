@@ -9,12 +9,11 @@ its rows and columns. A cell's run is ``python -m dam_lightning fit`` with the `
 file, its table, its column and its row, in that order (``args`` likewise), once per seed (every
 key of ``seed_args`` set to the seed). With ``source`` configs, a stage-1 run of those configs
 (a SourceModule config: it writes ``checkpoints/source.ckpt``) goes first and its checkpoint
-becomes the run's ``model.init_args.source_weights``. With ``init`` (a mapping of ``configs``
-and ``source``, or ``source`` alone for a stage-1 run), that run goes first and its network
-(``last.ckpt``; a stage-1 run's ``source.ckpt``) becomes ``model.init_args.init_weights``
-(a fine-tune, ``configs/few_shot.yaml``). The cell shows ``metric`` (percent) of the
-``stage`` row of the run's summary.json (default: its last row, the final network), less the
-``minus`` row's when given, mean ± std over the seeds; a ``text`` column shows fixed text.
+becomes the run's ``model.init_args.source_weights``. With ``init`` (``configs`` and
+``source``, or ``source`` alone: a stage-1 run) that run goes first and its ``last.ckpt``
+(stage 1: ``source.ckpt``) becomes ``model.init_args.init_weights`` (a fine-tune). The cell
+shows ``metric`` (percent) of the ``stage`` row of the run's summary.json (default: its last
+row, the final network), less the ``minus`` row's; mean ± std over the seeds (``text``: fixed).
 
 Runs go to ``<runs>/[<source's configs>/]<configs>/seed<N>/<date>_<time>/``, one thread each,
 ``--jobs`` at a time. A run whose folder holds its result (summary.json; stage 1: its checkpoint)
@@ -187,6 +186,7 @@ def describe(level) -> str:
         return "fixed figures, not run"
     parts = [f"`{options(level.get('configs', []), level.get('args', []))}`"]
     parts += [f"stage 1 `{options(level['source'])}`"] if level.get("source") else []
+    parts += [f"fine-tunes the network of: {describe(level['init'])}"] if "init" in level else []
     parts += [f"summary row '{level['stage']}'"] if "stage" in level else []
     parts += [f"less summary row '{level['minus']}'"] if "minus" in level else []
     parts += [f"{key} {level[key]}" for key in ("metric", "seeds") if key in level]
