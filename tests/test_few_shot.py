@@ -283,7 +283,10 @@ def test_few_shot_overlay_parses_on_every_source_config(name, capsys):
     _print_config(base, FEW_SHOT)
     config = yaml.safe_load(capsys.readouterr().out)
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert callbacks == ["lightning.pytorch.callbacks.ModelCheckpoint"]  # no PublishCheckpoint
+    assert callbacks == [  # no PublishCheckpoint; a summary of the start and the end
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+        "dam_lightning.callbacks.AdaptationSummary",
+    ]
     assert config["trainer"]["max_steps"] == 500
     assert config["trainer"]["logger"]["init_args"]["name"] == "few_shot"
     assert (config["data"]["few_shot"], config["data"]["few_shot_seed"]) == (10, 0)
