@@ -28,7 +28,7 @@ DOMAINS = ("source", "target")
 
 
 class FedModule(Protocol):
-    """What ``DomainDataModule`` asks of the LightningModule it feeds: the one seam between
+    """What ``DomainAdaptationDataModule`` asks of the LightningModule it feeds: the one seam between
     them (``SourceModule`` and ``GAMAdaptModule`` inherit both from ``EvaluatingModule``).
 
     Attributes:
