@@ -28,8 +28,8 @@ DOMAINS = ("source", "target")
 
 
 class FedModule(Protocol):
-    """What ``DomainAdaptationDataModule`` asks of the LightningModule it feeds: the one seam between
-    them (``SourceModule`` and ``GAMAdaptModule`` inherit both from ``EvaluatingModule``).
+    """What ``DomainAdaptationDataModule`` asks of the LightningModule it feeds: the one seam
+    between them (``SourceModule`` and ``GAMAdaptModule`` inherit both from ``EvaluatingModule``).
 
     Attributes:
         train_domains: the domains whose batches its training reads, from ``DOMAINS``: the
