@@ -4,7 +4,8 @@ Adds what the stock CLI lacks for this library: ``num_classes``, the task (class
 segmentation) and the class names flow from the data to the model; optimisers are module
 arguments (GAM has two); every command gets a run folder named after the experiment and the time
 (``runs/demo/2026-12-02_01-09-37``) that holds all it writes; a GAM run on several processes gets
-the DDP flavour it needs; a config that does not parse ends in one line (``cli_errors.py``).
+the DDP flavour it needs (where the folder goes: ``runs.py``). The parser, its ``--help`` and a
+config that does not parse: ``cli_parser.py``.
 
 ``main`` parses and runs the command, then hands its outcome to ``run_end.py``, which owns what
 the command leaves behind and prints when it ends: a run that fails before it has produced
@@ -22,33 +23,21 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import lightning as L
-from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-import dam_lightning
-import dam_lightning.data
-import dam_lightning.models
 from dam_lightning.callbacks.predictions import PredictionWriter
-from dam_lightning.cli_errors import short_parse_error
+from dam_lightning.cli_parser import DamArgumentParser, RunConfigSaver, config_files, parser_kwargs
 from dam_lightning.cpu_threads import choose_cpu_threads
 from dam_lightning.data.datamodule import DomainAdaptationDataModule
 from dam_lightning.errors import ConfigError
 from dam_lightning.modules.base import EvaluatingModule
-from dam_lightning.overview import (
-    DESCRIPTION,
-    PROG,
-    SUBCOMMANDS,
-    top_level_help,
-    wants_top_level_help,
-)
+from dam_lightning.overview import SUBCOMMANDS, top_level_help, wants_top_level_help
 from dam_lightning.preflight import random_instead_of_missing_weights, synthetic_data_config
 from dam_lightning.run_end import (
     RunReport,
@@ -63,16 +52,18 @@ from dam_lightning.run_end import (
 )
 from dam_lightning.runs import (
     RUN_FOLDER_ENV,
-    UNFINISHED_FILE,
     RunFolder,
     StopCleanly,
     atomic_write_text,
     checkpoint_network,
     claim_run_folder,
     launch_rank,
+    logger_configs,
+    point_logger_at,
+    resumed_run_folder,
     run_directory,
+    run_folder_place,
     timestamp,
-    unused_path,
 )
 from dam_lightning.trainer import DamTrainer
 from dam_lightning.weights import checkpoint_origin, read_weights_file
@@ -81,125 +72,6 @@ DEBUG_ENV = "DAM_LIGHTNING_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the full traceback of an error instead of one line."""
 
 _SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
-
-
-class RunConfigSaver(SaveConfigCallback):
-    """Save the config as given as ``<run folder>/config.yaml`` and into the W&B run's config.
-
-    Every run has its own folder, so a second run never collides with the first; a name that is
-    taken all the same (a resumed run reusing a folder) becomes ``config-1.yaml``.
-    """
-
-    def __init__(self, parser, config, config_filename: str = "config.yaml", **kwargs):
-        kwargs["save_to_log_dir"] = False
-        super().__init__(parser, config, config_filename, **kwargs)
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        path = unused_path(os.path.join(run_directory(trainer), self.config_filename))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.parser.save(self.config, path, skip_validation=True, overwrite=True, **_KEEP_NONE)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                as_dict = self.parser.dump(self.config, format="json", **_KEEP_NONE)
-                logger.experiment.config.update(
-                    {"cli": as_dict, "run_folder": run_directory(trainer)}, allow_val_change=True
-                )
-
-
-# Keep ``null`` entries in saved configs, so a saved config round-trips. jsonargparse 4.49 renamed
-# the keyword (skip_none -> skip_unset) and warns on the old one.
-_KEEP_NONE = (
-    {"skip_unset": False}
-    if "skip_unset" in inspect.signature(ArgumentParser.dump).parameters
-    else {"skip_none": False}
-)
-
-
-class LibraryChoicesHelpFormatter(DefaultHelpFormatter):
-    """``--help`` that offers this library's datasets and networks, not every ``Dataset`` and
-    ``nn.Module`` subclass that happens to be imported (torch's datapipes, torchvision's
-    datasets, torch.nn's layers: over 700 lines). Only the help changes: any class still works
-    when a config names it by its full ``class_path``.
-    """
-
-    _NARROWED = {"torch.utils.data.Dataset": "Dataset", "torch.nn.Module": "torch.nn.Module"}
-    _MARKER = ", known subclasses: "
-
-    def _get_help_string(self, action) -> str:
-        text = super()._get_help_string(action)
-        if self._MARKER not in text or not text.endswith(")"):
-            return text
-        head, listed = text[:-1].split(self._MARKER, 1)
-        paths = listed.split(", ")
-        base = self._NARROWED.get(paths[0])
-        if base is None:
-            return text
-        ours = [p for p in paths if p in _offered_classes(networks=action.dest.endswith("net"))]
-        return (
-            f"{head}, this library's: {', '.join(ours) or 'none'}; or any other {base} class "
-            "by its full class_path)"
-        )
-
-
-def _offered_classes(networks: bool) -> set[str]:
-    """The class paths ``--help`` offers: the networks of ``dam_lightning.models`` (for a
-    ``net``), or those and the datasets and transforms of ``dam_lightning.data``."""
-    packages = [dam_lightning.models] + ([] if networks else [dam_lightning.data])
-    return {f"{p.__name__}.{name}" for p in packages for name in p.__all__}
-
-
-class _DamArgumentParser(LightningArgumentParser):
-    """The CLI's parser: a config that does not validate ends in one line that names the key and
-    what is wrong, not in the 50-line usage and jsonargparse's nested "Does not validate against
-    any of the Union subtypes" report (both still shown with ``--debug``)."""
-
-    debug = False
-    config_files: tuple[str, ...] = ()  # the --config files given, to name the one with a bad key
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", LibraryChoicesHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None):
-        if self.debug or not self.exit_on_error:
-            return super().error(message, ex)
-        self.logger.error(message)
-        prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"(`{prog} --help` lists the options; --debug shows the details)\n")
-        line = short_parse_error(message, ex, self._dotted_keys(), self.config_files)
-        sys.stderr.write(f"error: {line}\n")
-        raise SystemExit(2)
-
-    def _dotted_keys(self) -> list[str]:
-        """The keys this parser and its subcommands' parsers accept (``trainer.max_steps``...),
-        for "did you mean"."""
-        keys = []
-        for action in self._actions:
-            keys.append(action.dest)
-            for parser in getattr(action, "_name_parser_map", {}).values():
-                keys += [a.dest for a in parser._actions]
-        return keys
-
-
-def _config_files(argv: list[str]) -> tuple[str, ...]:
-    """The files given with ``--config FILE`` or ``--config=FILE``, in order."""
-    files = []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return tuple(files)
-
-
-def _parser_kwargs() -> dict:
-    """The parser's name, what the tool is and, per command, what the command does (whole
-    sentences: Lightning's default is the first line of the trainer method's docstring)."""
-    kwargs: dict = {"description": DESCRIPTION}
-    kwargs.update({name: {"description": text} for name, text in SUBCOMMANDS.items()})
-    if os.path.basename(sys.argv[0]) == "__main__.py":  # python -m dam_lightning
-        kwargs["prog"] = PROG
-    return kwargs
 
 
 class DamCLI(LightningCLI):
@@ -218,7 +90,7 @@ class DamCLI(LightningCLI):
 
     def __init__(self, *args, report: RunReport | None = None, **kwargs):
         self.report = report if report is not None else RunReport()
-        kwargs.setdefault("parser_class", _DamArgumentParser)
+        kwargs.setdefault("parser_class", DamArgumentParser)
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -310,14 +182,14 @@ class DamCLI(LightningCLI):
             synthetic_data_config(config.data, config.steps)
             for note in random_instead_of_missing_weights(config.model):
                 print(f"preflight: {note}", flush=True)
-        parent, name = self._run_folder_place(config)
+        parent, name = run_folder_place(config, subcommand)
         inherited = os.environ.get(RUN_FOLDER_ENV) if launch_rank() > 0 else None
         if inherited:
             folder = inherited
         elif launch_rank() > 0:  # torchrun/SLURM: rank 0 broadcasts its folder at setup
             folder = os.path.join(parent, name)
         else:
-            folder = self._resumed_run_folder(config)
+            folder = resumed_run_folder(config, subcommand)
             self.report.resumed = folder is not None
             if folder is None:
                 self.report.new_parents = missing_folders(parent)
@@ -326,44 +198,10 @@ class DamCLI(LightningCLI):
             os.environ[RUN_FOLDER_ENV] = folder  # for the processes Lightning starts itself
         self.report.folder = folder
         self.report.data_keys = _data_keys(config)
-        for logger in _logger_configs(config):
-            _point_logger_at(logger, folder)
+        for logger in logger_configs(config):
+            point_logger_at(logger, folder)
         if config.trainer.get("logger") in (None, True):  # Lightning's default logger
             config.trainer.default_root_dir = folder
-
-    def _resumed_run_folder(self, config) -> str | None:
-        """The run folder a resumed ``fit`` continues in: that of its ``--ckpt_path`` when the
-        checkpoint is in the ``checkpoints/`` of a run that has not finished (its
-        ``unfinished.txt``): one folder for one run, and Lightning finds its checkpoints where
-        it left them. None for a new run, also when the checkpoint is of a finished run (a
-        branch from its epoch 0 must not overwrite it)."""
-        ckpt = config.get("ckpt_path")
-        if self.subcommand != "fit" or not ckpt or not os.path.isfile(str(ckpt)):
-            return None
-        checkpoints = os.path.dirname(os.path.abspath(str(ckpt)))
-        folder = os.path.dirname(checkpoints)
-        if os.path.basename(checkpoints) != "checkpoints":
-            return None
-        if not os.path.isfile(os.path.join(folder, UNFINISHED_FILE)):
-            return None
-        return os.path.relpath(folder) if not os.path.isabs(str(ckpt)) else folder
-
-    def _run_folder_place(self, config) -> tuple[str, str]:
-        """(parent folder, folder name) of this command's run folder."""
-        loggers = _logger_configs(config)
-        init = loggers[0].get("init_args") if loggers else None
-        root = (init.get("save_dir") if init else None) or config.trainer.default_root_dir or "."
-        experiment = init.get("name") if init else None
-        if not experiment and config.get("config"):
-            experiment = Path(str(config.config[-1])).stem
-        experiment = str(experiment or "run")
-        if self.subcommand == "fit":
-            return os.path.join(str(root), experiment), timestamp()
-        ckpt = config.get("ckpt_path")
-        name = f"{self.subcommand}-{timestamp()}"
-        if ckpt and os.path.basename(os.path.dirname(os.path.abspath(ckpt))) == "checkpoints":
-            return os.path.dirname(os.path.dirname(str(ckpt))), name
-        return os.path.join(str(root), experiment), name
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -494,27 +332,6 @@ def _network_class(config) -> str | None:
     return str(net) if net else None
 
 
-def _logger_configs(config) -> list:
-    """The logger entries (``class_path``/``init_args`` namespaces) of a subcommand's config."""
-    loggers = config.trainer.get("logger")
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    return [lg for lg in loggers if hasattr(lg, "get") and lg.get("class_path")]
-
-
-def _point_logger_at(logger, folder: str) -> None:
-    """Make a logger write into the run folder: W&B's files go to ``<folder>/wandb``; a CSV or
-    TensorBoard logger's ``save_dir/name/version`` becomes the folder itself."""
-    init = logger.get("init_args")
-    if init is None:
-        return
-    if logger.class_path.endswith("WandbLogger"):
-        init["save_dir"] = folder
-    elif "version" in init:
-        parent, version = os.path.split(os.path.normpath(folder))
-        init["save_dir"], init["name"] = os.path.split(parent)
-        init["version"] = version
-
-
 def _quiet_wandb_logger(logger) -> None:
     """Lightning's WandbLogger always passes ``anonymous``, which W&B deprecates with a warning
     on every run that the user cannot act on: drop the key when it says nothing."""
@@ -538,8 +355,8 @@ def main(args=None) -> None:
         print(top_level_help())
         raise SystemExit(0)
     _quiet_console()
-    _DamArgumentParser.debug = debug
-    _DamArgumentParser.config_files = _config_files(argv)
+    DamArgumentParser.debug = debug
+    DamArgumentParser.config_files = config_files(argv)
     report = RunReport(argv=argv)
     inherited_env = os.environ.get(RUN_FOLDER_ENV)
     try:
@@ -550,7 +367,7 @@ def main(args=None) -> None:
             auto_configure_optimizers=False,
             save_config_callback=RunConfigSaver,
             trainer_class=DamTrainer,
-            parser_kwargs=_parser_kwargs(),
+            parser_kwargs=parser_kwargs(),
             args=argv,
             report=report,
         )
@@ -594,4 +411,4 @@ def _quiet_console() -> None:
             handler.addFilter(_DropNoise())
 
 
-__all__ = ["DamCLI", "LibraryChoicesHelpFormatter", "RunConfigSaver", "main"]
+__all__ = ["DamCLI", "main"]

@@ -2,7 +2,8 @@
 
 One command of the CLI is one *run folder*, ``<save_dir>/<experiment>/<date>_<time>``, which holds
 everything the run writes (config, checkpoints, summary, predictions, log, W&B files); the CLI
-claims it and puts a ``RunFolder`` callback on the trainer. Without the CLI a run's folder is its
+claims it (``run_folder_place``, ``resumed_run_folder``: where, from the command's config) and
+puts a ``RunFolder`` callback on the trainer. Without the CLI a run's folder is its
 logger's. A ``fit`` stopped by Ctrl-C or SIGTERM leaves its folder resumable (``StopCleanly``).
 Nothing here trains or evaluates.
 """
@@ -16,6 +17,7 @@ import os
 import signal
 import tempfile
 import threading
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -23,7 +25,6 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 
 RUN_FOLDER_ENV = "DAM_LIGHTNING_RUN_FOLDER"
 """Set by rank 0 before Lightning starts the other processes of a run on this machine, which
@@ -331,3 +332,68 @@ def unused_path(path: str) -> str:
         except FileExistsError:
             n += 1
             candidate = f"{stem}-{n}{ext}"
+
+
+# ---- where a command's run folder goes, read from its parsed config ----------------------------
+
+
+def run_folder_place(config, command: str) -> tuple[str, str]:
+    """(parent folder, folder name) of a command's run folder: ``fit`` goes to
+    ``<save_dir>/<experiment>/<date>_<time>``; ``validate``, ``test`` and ``predict`` to
+    ``<command>-<date>_<time>`` in the run folder of the checkpoint they read (its
+    ``checkpoints/``'s parent), else beside the experiment's runs. ``<save_dir>`` and
+    ``<experiment>`` are the first logger's ``save_dir`` and ``name``, else
+    ``default_root_dir`` and the last config file's name."""
+    loggers = logger_configs(config)
+    init = loggers[0].get("init_args") if loggers else None
+    root = (init.get("save_dir") if init else None) or config.trainer.default_root_dir or "."
+    experiment = init.get("name") if init else None
+    if not experiment and config.get("config"):
+        experiment = Path(str(config.config[-1])).stem
+    experiment = str(experiment or "run")
+    if command == "fit":
+        return os.path.join(str(root), experiment), timestamp()
+    ckpt = config.get("ckpt_path")
+    name = f"{command}-{timestamp()}"
+    if ckpt and os.path.basename(os.path.dirname(os.path.abspath(ckpt))) == "checkpoints":
+        return os.path.dirname(os.path.dirname(str(ckpt))), name
+    return os.path.join(str(root), experiment), name
+
+
+def resumed_run_folder(config, command: str) -> str | None:
+    """The run folder a resumed ``fit`` continues in: that of its ``--ckpt_path`` when the
+    checkpoint is in the ``checkpoints/`` of a run that has not finished (its
+    ``unfinished.txt``): one folder for one run, and Lightning finds its checkpoints where
+    it left them. None for a new run, also when the checkpoint is of a finished run (a
+    branch from its epoch 0 must not overwrite it)."""
+    ckpt = config.get("ckpt_path")
+    if command != "fit" or not ckpt or not os.path.isfile(str(ckpt)):
+        return None
+    checkpoints = os.path.dirname(os.path.abspath(str(ckpt)))
+    folder = os.path.dirname(checkpoints)
+    if os.path.basename(checkpoints) != "checkpoints":
+        return None
+    if not os.path.isfile(os.path.join(folder, UNFINISHED_FILE)):
+        return None
+    return os.path.relpath(folder) if not os.path.isabs(str(ckpt)) else folder
+
+
+def logger_configs(config) -> list:
+    """The logger entries (``class_path``/``init_args`` namespaces) of a command's config."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [lg for lg in loggers if hasattr(lg, "get") and lg.get("class_path")]
+
+
+def point_logger_at(logger, folder: str) -> None:
+    """Make a logger's config write into the run folder: W&B's files go to ``<folder>/wandb``;
+    a CSV or TensorBoard logger's ``save_dir/name/version`` becomes the folder itself."""
+    init = logger.get("init_args")
+    if init is None:
+        return
+    if logger.class_path.endswith("WandbLogger"):
+        init["save_dir"] = folder
+    elif "version" in init:
+        parent, version = os.path.split(os.path.normpath(folder))
+        init["save_dir"], init["name"] = os.path.split(parent)
+        init["version"] = version
