@@ -339,7 +339,7 @@ def writer_lines(args, times: dict) -> list[str]:
 # (e) the loader: one labelled GTA5 item against the bare decode of its two files.
 
 
-def loader_item_cost(args, repeats: int = 5) -> list[str]:
+def loader_item_cost(args, repeats: int = 15) -> list[str]:
     import numpy as np
     from PIL import Image
 
@@ -363,10 +363,9 @@ def loader_item_cost(args, repeats: int = 5) -> list[str]:
                 with Image.open(path) as picture:
                     np.asarray(picture)
 
-        def best_ms(fn) -> float:
-            return 1000 * min(_seconds(fn, "cpu") for _ in range(repeats))
-
-        decode, item = best_ms(bare), best_ms(lambda: dataset[0])
+        # alternated, so that both meet the same load; best of each
+        pairs = [(_seconds(bare, "cpu"), _seconds(lambda: dataset[0], "cpu")) for _ in range(repeats)]
+        decode, item = (1000 * min(column) for column in zip(*pairs))
         dtype = dataset[0][1].dtype
     return [
         f"(e) Loader: a labelled GTA5 item (1914x1052 PNG pair -> {size_text(args.eval_size)}, "
