@@ -1,17 +1,15 @@
 """One prepared GPU check (issues 18 and 19): the cost of configs/gta.yaml's stages and the
 GPU-correctness checks, in one run that any session with a GPU can start.
 
-    python -m benchmarks.gpu_check [--small] [--out docs/results/gpu.md] [--steps N]
-        [--only NAME ...] [--budget-s 480]
+    python -m benchmarks.gpu_check [--small] [--out FILE] [--steps N] [--only NAME ...] [--budget-s]
 
-Needs torch, torchvision, lightning and torchmetrics only (no jsonargparse, W&B, data set or
-internet; tests/test_gpu_check.py runs it with those hidden). On a GPU: the library's
-``preflight`` of configs/gta.yaml's GAM settings on synthetic 512x1024 data, batch 2 + 2,
-bf16-mixed, for ERFNet and DeepLabV3-ResNet101; predict throughput; SyncBatchNorm with a
-BatchNorm tap; autocast inside Gaussian matching; bf16-mixed and 16-mixed (GradScaler, two
-optimisers); device-to-host syncs per step; 2-process NCCL when there are two GPUs. ``--small``
-runs the same code paths on the CPU at 32x64 (CI does; CPU timings). A failing check never stops
-the others; none starts after ``--budget-s``; the report is rewritten after each check.
+Needs torch, torchvision, lightning, torchmetrics and PyYAML only (no jsonargparse, W&B, data or
+internet; tests/test_gpu_check.py hides those). On a GPU: ``preflight`` of the GAM settings of
+configs/gta.yaml (ERFNet) and configs/gta_deeplabv3.yaml (DeepLabV3-ResNet101), synthetic 512x1024
+data, batch 2 + 2, bf16-mixed; predict throughput; SyncBatchNorm with a BatchNorm tap; autocast in
+Gaussian matching; bf16-mixed and 16-mixed (GradScaler, two optimisers); syncs per step; 2-process
+NCCL with two GPUs. ``--small``: the same code paths on the CPU at 32x64 (CI). A failing check never
+stops the others, none starts after ``--budget-s``, each rewrites the report.
 """
 
 from __future__ import annotations
@@ -26,11 +24,13 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from unittest import SkipTest as Skip  # a check that cannot run here: SKIP, with why
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import lightning as L
 import torch
+import yaml
 
 from benchmarks.machine import provenance
 from benchmarks.segmentation_speed import writer_overlap
@@ -43,18 +43,19 @@ from dam_lightning.modules import GAMAdaptModule
 from dam_lightning.trainer import DamTrainer
 
 CLASSES = 19
-LAYERS = {"encoder.layers.2": 1.0, "encoder.layers.6": 1.0, "encoder.layers.10": 1.0, "output": 1.0}
-DEEPLAB_LAYERS = {"model.backbone.layer1": 1.0, "model.backbone.layer3": 1.0,
-                  "model.backbone.layer4": 1.0, "output": 1.0}  # configs/gta_deeplabv3.yaml
 BN_TAP = "encoder.layers.7.bn2"  # a BatchNorm that sync_batchnorm replaces
-ADAM_D = functools.partial(torch.optim.Adam, lr=1e-4, betas=(0.5, 0.999))  # configs/gta.yaml
-ADAM_T = functools.partial(torch.optim.Adam, lr=2e-5, betas=(0.5, 0.999))
 WARMUP_STEPS = 3  # stage-1 batches of F_s before the checks that only need some F_s
-GAM = dict(adversarial_weight=0.1, gan_loss="lsgan", drift_reduction="sum", discriminator_width=32)
 
 
-class Skip(Exception):
-    """A check that cannot run on this machine: reported SKIP, with the reason."""
+def shipped_gam(config: str) -> dict:
+    """A shipped config's GAM settings but the network and F_s (YAML: no jsonargparse here)."""
+    init = yaml.safe_load((Path(__file__).parents[1] / config).read_text())["model"]["init_args"]
+    adam = {k: functools.partial(torch.optim.Adam, **v["init_args"])
+            for k, v in init.items() if k.endswith("_optimizer")}  # fmt: skip
+    return {k: v for k, v in init.items() if k not in ("net", "source_weights")} | adam
+
+
+GAM, DEEPLAB = shipped_gam("configs/gta.yaml"), shipped_gam("configs/gta_deeplabv3.yaml")
 
 
 class Context:
@@ -82,8 +83,7 @@ class Context:
         return TorchvisionSegmentation(num_classes, arch, example_input_shape=shape)
 
     def gam(self, net=None, **overrides) -> GAMAdaptModule:
-        settings = dict(layers=LAYERS, source_steps=WARMUP_STEPS, **GAM) | overrides
-        settings |= dict(discriminator_optimizer=ADAM_D, target_optimizer=ADAM_T)
+        settings = GAM | dict(source_steps=WARMUP_STEPS) | overrides
         return GAMAdaptModule(net or self.erfnet, CLASSES, task="segmentation", **settings)
 
     def trainer(self, callbacks=(), **options) -> DamTrainer:
@@ -95,13 +95,13 @@ class Context:
         )  # fmt: skip
 
 
-def preflight(ctx: Context, net, layers: dict) -> str:
+def preflight(ctx: Context, net, settings: dict) -> str:
     """The library's ``preflight`` of a GAM run with stage 1 and Gaussian matching (layerwise,
     10 calibration batches, as configs/gta.yaml), on synthetic data of the check's size."""
     batches = 10 if ctx.cuda else 2  # --small: the code path, not the cost
     matching = GaussianMatching(calibration_batches=batches, every_n_epochs=0, mode="layerwise")
     trainer = ctx.trainer([matching], max_steps=40000)
-    report = trainer.preflight(ctx.gam(net, layers=layers), ctx.data(), ctx.steps, synthetic=True)
+    report = trainer.preflight(ctx.gam(net, **settings), ctx.data(), ctx.steps, synthetic=True)
     stages = {s.stage: s for s in report.stages}
     parts = [f"{s.stage} {s.step_seconds * 1000:.1f} ms"
              + (f" / {s.peak_memory_mib:,.0f} MiB" if s.peak_memory_mib else "")
@@ -230,8 +230,8 @@ def check_ddp_nccl(ctx: Context) -> str:
 
 
 CHECKS = {
-    "preflight_erfnet": lambda ctx: preflight(ctx, ctx.erfnet, LAYERS),
-    "preflight_deeplabv3_resnet101": lambda ctx: preflight(ctx, ctx.deeplab, DEEPLAB_LAYERS),
+    "preflight_erfnet": lambda ctx: preflight(ctx, ctx.erfnet, GAM),
+    "preflight_deeplabv3_resnet101": lambda ctx: preflight(ctx, ctx.deeplab, DEEPLAB),
     "predict": check_predict,
     "syncs": check_syncs,
     "bf16_mixed": functools.partial(check_mixed, precision="bf16-mixed"),
