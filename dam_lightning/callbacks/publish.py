@@ -44,7 +44,9 @@ class PublishCheckpoint(L.Callback):
         tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
         if trainer.is_global_zero:
             os.makedirs(folder, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # every rank: the save is collective
+        # every rank: the save is collective. A full checkpoint, said explicitly (Lightning logs
+        # "`weights_only` was not set" otherwise); loading never runs code (dam_lightning.weights)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             self.published = self.path
