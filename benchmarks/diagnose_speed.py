@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import parse_size, provenance
 from dam_lightning.data import (
     MNIST,
     USPS,
@@ -39,8 +40,6 @@ from dam_lightning.data import (
 from dam_lightning.diagnosis import diagnose, diagnose_datamodule
 from dam_lightning.models import ERFNet, LeNet
 from dam_lightning.runs import atomic_write_text
-
-from benchmarks.machine import parse_size, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS_S = {"lenet": 30.0, "seg_demo": 120.0, "erfnet": 120.0}

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from benchmarks.machine import describe, parse_size, provenance
 from dam_lightning.data.labels import CITYSCAPES_CLASSES, DatasetInfo
 from dam_lightning.matching import ActivationTaps, foldable_layers, gaussian_match
-from dam_lightning.matching import measure_statistics
+from dam_lightning.matching.statistics import measure_statistics
 from dam_lightning.models import ERFNet
 from dam_lightning.modules.task import SegmentationTask
 from dam_lightning.runs import atomic_write_text
@@ -189,7 +189,8 @@ def run_in_subprocess(args, run: str, batches: int, workdir: Path) -> dict:
     """``measure_run`` for ``run`` on ``batches`` calibration batches in a fresh process."""
     command = [
         sys.executable, "-m", "benchmarks.segmentation_speed", "--run", run,
-        "--workdir", str(workdir), "--device", args.device, "--batches", str(batches), "--batch-size", str(args.batch_size),
+        "--workdir", str(workdir), "--device", args.device, "--batches", str(batches),
+        "--batch-size", str(args.batch_size),
         "--size", size_text(args.size),
         *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
@@ -364,8 +365,9 @@ def loader_item_cost(args, repeats: int = 15) -> list[str]:
                     np.asarray(picture)
 
         # alternated, so that both meet the same load; best of each
-        pairs = [(_seconds(bare, "cpu"), _seconds(lambda: dataset[0], "cpu")) for _ in range(repeats)]
-        decode, item = (1000 * min(column) for column in zip(*pairs))
+        pairs = [(_seconds(bare, "cpu"), _seconds(lambda: dataset[0], "cpu"))
+                 for _ in range(repeats)]  # fmt: skip
+        decode, item = (1000 * min(column) for column in zip(*pairs, strict=True))
         dtype = dataset[0][1].dtype
     return [
         f"(e) Loader: a labelled GTA5 item (1914x1052 PNG pair -> {size_text(args.eval_size)}, "

@@ -325,7 +325,7 @@ def _classifier_keys(net: nn.Module, own: Mapping[str, torch.Tensor]) -> list[st
 def _class_counts(state: Mapping, own: Mapping, keys: Sequence[str]) -> tuple[int, int]:
     """(the file's, the network's) size along the first axis where a classifier key differs."""
     first = keys[0]
-    for a, b in zip(state[first].shape, own[first].shape):
+    for a, b in zip(state[first].shape, own[first].shape, strict=False):  # ranks may differ
         if a != b:
             return a, b
     return state[first].numel(), own[first].numel()

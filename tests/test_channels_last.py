@@ -4,8 +4,8 @@ outputs and gradients as the default layout (issue 19; measured on GPUs, checked
 from __future__ import annotations
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from dam_lightning.matching.taps import ActivationTaps
 from dam_lightning.models import ERFNet

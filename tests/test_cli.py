@@ -137,7 +137,9 @@ def test_python_dash_m_entry_point(tmp_path):
             sys.executable,
             "-m",
             "dam_lightning",
-            *_tiny_demo_args(tmp_path, "--trainer.max_epochs=1", "--model.init_args.source_steps=2"),
+            *_tiny_demo_args(
+                tmp_path, "--trainer.max_epochs=1", "--model.init_args.source_steps=2"
+            ),
         ],
         cwd=tmp_path,
         env=env,

@@ -172,7 +172,8 @@ def test_missing_mnist_says_how_to_get_it_and_names_the_reduced_overlay(tmp_path
         "error: MNIST train files train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] "
         f"are not in {tmp_path} or its MNIST/raw, raw (download is off)"
     )
-    assert "(download is off)" in line and "download: true" in line and len(line) - len(f"error: {tmp_path}") <= 300, line
+    assert "(download is off)" in line and "download: true" in line, line
+    assert len(line) - len(f"error: {tmp_path}") <= 300, line
     assert line.endswith("with test files only: --config configs/digits_reduced.yaml")
 
 

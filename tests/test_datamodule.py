@@ -122,4 +122,4 @@ def test_dataset_info_is_read_through_every_wrapper():
     dm = DomainAdaptationDataModule(plain, plain, batch_size=1)
     assert dm.task == "classification" and dm.class_names is None
     with pytest.raises(ValueError, match="declares no info"):
-        dm.num_classes
+        _ = dm.num_classes

@@ -283,12 +283,14 @@ def test_files_of_another_network_say_so_naming_the_setting(tmp_path):
 
     state = {**authors_state(19, prefix=""), **{f"bogus.{i}": torch.zeros(1) for i in range(5)}}
     torch.save(state, tmp_path / "extra.pt")
-    with pytest.raises(ValueError, match=r"^init_weights: .*extra.pt does not fit ERFNet: 5 "
-                       r"unexpected \(bogus.0, bogus.1, bogus.2 and 2 more\); was it saved"):  # fmt: skip
+    extra = (r"^init_weights: .*extra.pt does not fit ERFNet: 5 "
+             r"unexpected \(bogus.0, bogus.1, bogus.2 and 2 more\); was it saved")  # fmt: skip
+    with pytest.raises(ValueError, match=extra):
         load_network_weights(ERFNet(19, width=0.25), str(tmp_path / "extra.pt"),
                              setting="init_weights")  # fmt: skip
     torch.save({"conv1.weight": torch.zeros(2), "fc.bias": torch.zeros(2)}, tmp_path / "r.pt")
-    with pytest.raises(ValueError, match=r"^source_weights: .* none of the file's 2 keys is a "
-                       r"key of ERFNet \(the file's start conv1., fc., the network's "
-                       r"decoder., encoder.\): is it the weights of another network\?"):  # fmt: skip
+    foreign = (r"^source_weights: .* none of the file's 2 keys is a key of ERFNet \(the "
+               r"file's start conv1., fc., the network's decoder., encoder.\): is it the "
+               r"weights of another network\?")  # fmt: skip
+    with pytest.raises(ValueError, match=foreign):
         load_network_weights(ERFNet(19, width=0.25), str(tmp_path / "r.pt"))

@@ -6,7 +6,6 @@ without touching the published source network."""
 from __future__ import annotations
 
 import json
-
 import logging
 import re
 from collections import Counter

@@ -260,7 +260,7 @@ def test_mixed_precision_gam_steps_train_both_networks(tiny_digits, precision):
     trainer.fit(module, dm)
     for key in ("layer/fc3/loss_d", "layer/fc4/loss_g", "train/drift", "train/loss_g"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
-    (d_before, t_before), (d_after, t_after) = spy.before, spy.after
+    d_before, t_before = spy.before
     assert _changed(d_before, module.discriminators) and _changed(t_before, module.target_net)
 
 
@@ -273,7 +273,7 @@ def test_an_inf_gradient_skips_only_the_step_of_the_optimizer_it_hit(tiny_digits
     spy = FirstAdaptationBatch()
     trainer = _trainer(max_steps=2 + 2, callbacks=[spy], **_mixed("16-mixed"))
     trainer.fit(module, dm)  # stage 1, then one adaptation batch: the poisoned one
-    (d_before, t_before), (d_after, t_after) = spy.before, spy.after
+    d_before, t_before = spy.before
     assert module.poisoned
     assert not _changed(d_before, module.discriminators)  # D's step skipped
     assert _changed(t_before, module.target_net)  # F_t's step taken

@@ -25,7 +25,6 @@ from dam_lightning.cli import main
 from dam_lightning.data.labels import (
     CITYSCAPES_ID_TO_TRAIN_ID,
     CITYSCAPES_INFO,
-    CITYSCAPES_LABEL_IDS,
     CITYSCAPES_PALETTE,
     IGNORE_INDEX,
 )

@@ -177,8 +177,9 @@ def test_torchvision_weights_that_do_not_fit_are_clear_errors(tmp_path):
                        r"Segmentation: 4 wrongly shaped .* has 19 classes, the network's 4: set "
                        r"skip_mismatched_classifier: true"):  # fmt: skip
         TorchvisionSegmentation(4, weights=str(path))
-    with pytest.raises(ValueError, match=r"^backbone_weights: .*nineteen.pt does not fit "
-                       r"TorchvisionSegmentation: \d+ missing .*is it a resnet50 state dict"):  # fmt: skip
+    backbone = (r"^backbone_weights: .*nineteen.pt does not fit "
+                r"TorchvisionSegmentation: \d+ missing .*is it a resnet50 state dict")  # fmt: skip
+    with pytest.raises(ValueError, match=backbone):
         TorchvisionSegmentation(4, arch="fcn_resnet50", backbone_weights=str(path))
     with pytest.raises(FileNotFoundError, match=r"^weights: .*absent.pt does not exist.*never"):
         TorchvisionSegmentation(4, weights=str(tmp_path / "absent.pt"))
@@ -186,8 +187,9 @@ def test_torchvision_weights_that_do_not_fit_are_clear_errors(tmp_path):
         TorchvisionSegmentation(4, arch="unet")
 
 
-def test_a_torchvision_coco_file_loads_all_but_its_21_class_classifier_when_asked(tmp_path,
-                                                                                   caplog):  # fmt: skip
+def test_a_torchvision_coco_file_loads_all_but_its_21_class_classifier_when_asked(
+    tmp_path, caplog
+):
     """torchvision's own DeepLabV3 COCO file layout (21 classes, ``aux_classifier.*``)."""
     coco = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=21, aux_loss=True

@@ -293,7 +293,8 @@ def test_init_and_source_weights_take_the_authors_file_and_name_their_setting(tm
     net = ERFNet(19, width=0.25)
     origin = load_network_weights(net, path, setting="init_weights",
                                   skip_mismatched_classifier=True)  # fmt: skip
-    assert origin.startswith("written ") and "; skipped the classifier decoder.output_conv" in origin
+    assert origin.startswith("written ")
+    assert "; skipped the classifier decoder.output_conv" in origin
     for name, value in net.state_dict().items():
         if not name.startswith("decoder.output_conv."):
             assert torch.equal(value, released[f"module.{name}"]), name

@@ -116,7 +116,9 @@ class EpochShuffleSampler(DistributedSampler):
         True
     """
 
-    def __init__(self, size: int, seed: int, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self, size: int, seed: int, rank: int | None = None, world_size: int | None = None
+    ):
         distributed = dist.is_available() and dist.is_initialized()
         world_size = world_size or (dist.get_world_size() if distributed else 1)
         rank = rank if rank is not None else (dist.get_rank() if distributed else 0)

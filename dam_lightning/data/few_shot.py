@@ -26,9 +26,9 @@ class FewShot(InfoAttributes, Dataset):
     ``num_images=5`` are among the 10 of ``num_images=10``, so a curve over N adds images rather
     than drawing new ones. Item ``i`` is image ``indices[i % num_images]``, so every image
     appears ``length / num_images`` times (within one) per pass over the items (the training
-    loader drops a last partial batch, so an epoch may serve a few items fewer); the default ``length`` is
-    ``len(dataset)``, so an epoch has as many items, and a validation schedule counted in epochs
-    keeps its meaning. The training sampler shuffles the repeats.
+    loader drops a last partial batch, so an epoch may serve a few items fewer); the default
+    ``length`` is ``len(dataset)``, so an epoch has as many items, and a validation schedule
+    counted in epochs keeps its meaning. The training sampler shuffles the repeats.
 
     Args:
         dataset: a labelled dataset of ``(x, y)`` items (a set with ``labelled=False`` is

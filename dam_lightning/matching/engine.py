@@ -35,7 +35,8 @@ from dam_lightning.matching.hooks import MATCHED, check_all_ran, execution_order
 from dam_lightning.matching.statistics import ChannelStats, ChannelStatsAccumulator
 
 LayerMatch = Any
-"""What the plan returns for one matched layer (``gaussian.LayerMatch``); engines only collect it."""
+"""What the plan returns for one matched layer (``gaussian.LayerMatch``); engines only collect
+it."""
 
 
 _LAYER_MATCHED: ContextVar[Callable[[str], None] | None] = ContextVar(

@@ -24,7 +24,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dam_lightning.errors import ConfigError
 from dam_lightning.matching.engine import layerwise, one_pass
-
 from dam_lightning.matching.hooks import eval_mode
 from dam_lightning.matching.statistics import (
     ChannelStats,

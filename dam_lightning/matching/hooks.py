@@ -38,10 +38,10 @@ class HookRole:
         """``output``, after checking that it is one tensor (with a dim 1, where asked).
 
         Example:
-            >>> MATCHED.one_tensor("fc", nn.Identity(), (1, 2))
+            >>> MATCHED.one_tensor("fc", nn.Identity(), (1, 2))  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            dam_lightning.errors.WrongTypeError: layer 'fc' (Identity) returned tuple; a matched layer must return one tensor
+            dam_lightning.errors.WrongTypeError: layer 'fc' (Identity) returned tuple; ...
         """
         if self.channels_in_dim_1:
             if not isinstance(output, Tensor) or output.dim() < 2:

@@ -155,7 +155,9 @@ class SourceModule(EvaluatingModule):
         }
 
 
-def load_initial_weights(net: nn.Module, path: str, skip_mismatched_classifier: bool = False) -> str:
+def load_initial_weights(
+    net: nn.Module, path: str, skip_mismatched_classifier: bool = False
+) -> str:
     """Load ``net``'s weights from ``path`` (SourceModule or GAM checkpoint, or state dict) for
     ``init_weights``; returns where the file came from. A missing file gets advice of its own
     (no stage-1 config publishes fine-tuning weights)."""
