@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -58,3 +60,13 @@ def test_a_compiled_network_is_refused_with_the_reason(how):
         taps(torch.zeros(2, 1, 28, 28))
     assert ("fc3 is compiled" in str(error.value)) == (how == "a part")
     assert (taps is not None) == (how == "after the taps")
+
+
+def test_a_matched_layer_that_returns_a_tuple_is_named_with_what_it_must_return():
+    """The full message of ``HookRole.one_tensor`` (its doctest shows it shortened)."""
+    from dam_lightning.errors import WrongTypeError
+    from dam_lightning.matching.hooks import MATCHED
+
+    expected = "layer 'fc' (Identity) returned tuple; a matched layer must return one tensor"
+    with pytest.raises(WrongTypeError, match=f"^{re.escape(expected)}$"):
+        MATCHED.one_tensor("fc", torch.nn.Identity(), (1, 2))
